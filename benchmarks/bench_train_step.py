@@ -1,0 +1,245 @@
+"""Speed of the REPA train step: compile time, seconds per step, images/s and model FLOP
+utilisation, for SiT-S/2 and SiT-B/2 at the ImageNet-256 latent shape (4x32x32 input, 1000
+classes, 256 tokens) with one projector to 768-d targets (DINOv2-B features), in fp32 and bf16.
+
+    python benchmarks/bench_train_step.py --models S/2,B/2 --precisions fp32,bf16 --steps 3
+
+The step is the library's own (`repa_eqx.train.make_train_step`); the target features are
+precomputed random arrays, so no encoder runs inside the step.
+
+FLOPs. XLA's cost analysis counts the body of a while loop once, whatever its trip count, and
+the SiT runs its blocks with `lax.scan`: the compiled step's "flops" leaves out most of the
+transformer (about 3x short for SiT-S/2). The model FLOPs behind GFLOP/s and MFU are therefore
+the same cost analysis applied to depth-1 and depth-2 variants of the step, where every layer
+loop runs once and is counted in full, extrapolated linearly to the real depth. That analysis
+reads the HLO as the program wrote it (before XLA's optimisations), i.e. model FLOPs, not
+hardware FLOPs. The raw figure of the compiled step is reported beside it.
+
+MFU is relative to the best GFLOP/s this machine reaches on a large fp32 matmul, for both
+precisions: the CPU has no faster bf16 path. Other processes can load the machine at any point of
+the run and a loaded measurement only underestimates the peak, so the matmul is timed before each
+configuration and at the end, and the best of those is the peak.
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from repa_eqx.recipe import Recipe
+from repa_eqx.sit import SiTConfig
+from repa_eqx.train import StepConfig, init_state, make_optimizer, make_train_step
+
+# ImageNet-256 through the SD-VAE: 4x32x32 latents; SiT-x/2 makes 16x16 = 256 tokens.
+LATENT_CHANNELS, LATENT_SIZE, NUM_CLASSES = 4, 32, 1000
+TARGET_DIM, PROJECTOR_DIM = 768, 2048  # DINOv2-B features; the paper's projector width
+PRECISIONS = ("fp32", "bf16")
+
+
+def measure_peak_gflops(n: int = 2048, reps: int = 10) -> float:
+    """Best GFLOP/s of a jitted fp32 (n x n) @ (n x n): the ceiling MFU is measured against."""
+    ka, kb = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(ka, (n, n), jnp.float32)
+    b = jax.random.normal(kb, (n, n), jnp.float32)
+    matmul = jax.jit(jnp.matmul)
+    matmul(a, b).block_until_ready()  # compile and warm up outside the timing
+    best = math.inf
+    for _ in range(reps):
+        start = time.perf_counter()
+        matmul(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def make_batch(batch_size: int, num_tokens: int) -> dict:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch_size, LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE))
+    features = rng.standard_normal((batch_size, num_tokens, TARGET_DIM))
+    # On the device once, so the timed steps measure the step and not the host-to-device copy.
+    return {
+        "x": jnp.asarray(x, jnp.float32),
+        "y": jnp.asarray(rng.integers(0, NUM_CLASSES, batch_size), jnp.int32),
+        "features": (jnp.asarray(features, jnp.float32),),
+    }
+
+
+def lower_step(config: SiTConfig, step_cfg: StepConfig, batch: dict):
+    """The library's jitted step for `config`, its state, and the step lowered for that state.
+    Returns (state_arrays, encoder_arrays, lowered, seconds spent lowering)."""
+    optimizer = make_optimizer(Recipe())
+    state = init_state(
+        config, z_dims=[TARGET_DIM], projector_dim=PROJECTOR_DIM, optimizer=optimizer, seed=0
+    )
+    state_arrays, static_state = eqx.partition(state, eqx.is_array)
+    enc_arrays, static_enc = eqx.partition((), eqx.is_array)  # features given: no encoders
+    step_fn = make_train_step(optimizer, step_cfg, static_state, static_enc)
+    start = time.perf_counter()
+    lowered = step_fn.lower(state_arrays, batch, enc_arrays)
+    return state_arrays, enc_arrays, lowered, time.perf_counter() - start
+
+
+def model_flops(config: SiTConfig, step_cfg: StepConfig, batch: dict) -> float:
+    """FLOPs of one step with every block counted (see the module docstring): the step's cost is
+    affine in depth, and at depth 1 and 2, with REPA after block 1, each layer loop runs once."""
+
+    def flops(depth: int) -> float:
+        variant = dataclasses.replace(config, depth=depth, encoder_depth=1)
+        return lower_step(variant, step_cfg, batch)[2].cost_analysis()["flops"]
+
+    one, two = flops(1), flops(2)
+    return one + (config.depth - 1) * (two - one)
+
+
+def bench_one(model: str, precision: str, batch_size: int, steps: int, warmup: int) -> dict:
+    config = SiTConfig.from_name(
+        f"SiT-{model}", input_size=LATENT_SIZE, in_channels=LATENT_CHANNELS, num_classes=NUM_CLASSES
+    )
+    # The paper's objective and EMA; none of these change the step's cost.
+    step_cfg = StepConfig(
+        path="linear", weighting="uniform", proj_coeff=0.5, ema_decay=0.9999, precision=precision
+    )
+    batch = make_batch(batch_size, config.num_tokens)
+    state_arrays, enc_arrays, lowered, lower_s = lower_step(config, step_cfg, batch)
+    start = time.perf_counter()
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - start
+    xla_flops = compiled.cost_analysis()["flops"]  # a dict in jax 0.10; loop bodies once
+    flops = model_flops(config, step_cfg, batch)
+
+    # The compiled step donates the state: always carry on with the state it returns.
+    times = []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        state_arrays, metrics = compiled(state_arrays, batch, enc_arrays)
+        jax.block_until_ready((state_arrays, metrics))
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    loss = float(metrics["loss"])
+    if not math.isfinite(loss):
+        raise RuntimeError(f"SiT-{model} {precision}: non-finite loss {loss}")
+
+    step_s = statistics.median(times)
+    return {
+        "model": f"SiT-{model}",
+        "precision": precision,
+        "batch": batch_size,
+        "lower_s": lower_s,
+        "compile_s": compile_s,
+        "step_s": step_s,
+        "step_times_s": times,
+        "images_per_s": batch_size / step_s,
+        "model_flops": flops,
+        "xla_flops_compiled_raw": xla_flops,
+        "achieved_gflops": flops / step_s / 1e9,
+        "final_loss": loss,
+    }
+
+
+def results_table(rows: list[dict], steps: int, warmup: int) -> Table:
+    table = Table(
+        title=f"REPA train step, batch {rows[0]['batch']}: SiT on 4x32x32 latents (256 tokens) "
+        "+ projector to 768-d",
+        caption=f"s/step: median of {steps} timed steps after {warmup} untimed",
+    )
+    headers = ["model", "precision", "compile s", "s/step", "images/s", "GFLOP/step"]
+    headers += ["XLA raw GFLOP", "GFLOP/s", "MFU"]
+    for header in headers:
+        table.add_column(header, justify="left" if header in headers[:2] else "right")
+    for r in rows:
+        table.add_row(
+            r["model"],
+            r["precision"],
+            f"{r['lower_s'] + r['compile_s']:.1f}",
+            f"{r['step_s']:.2f}",
+            f"{r['images_per_s']:.2f}",
+            f"{r['model_flops'] / 1e9:.0f}",
+            f"{r['xla_flops_compiled_raw'] / 1e9:.0f}",
+            f"{r['achieved_gflops']:.1f}",
+            f"{100 * r['mfu']:.1f}%",
+        )
+    return table
+
+
+def parse_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="S/2,B/2", help="comma-separated SiT sizes")
+    parser.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32,bf16")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps after compiling")
+    parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    args = parser.parse_args()
+    models = [m.removeprefix("SiT-") for m in parse_list(args.models)]
+    precisions = parse_list(args.precisions)
+    if unknown := set(precisions) - set(PRECISIONS):
+        parser.error(f"unknown precision(s) {sorted(unknown)}: choose from {PRECISIONS}")
+    if args.steps < 1 or args.batch < 1 or args.warmup < 0:
+        parser.error("--steps and --batch must be >= 1, --warmup >= 0")
+
+    # A persistent compilation cache would turn the compile time into a cache read.
+    jax.config.update("jax_enable_compilation_cache", False)
+    log = Console(stderr=True)
+    run_start = time.perf_counter()
+    peaks, rows = [], []
+    for model in models:
+        for precision in precisions:
+            peaks.append(measure_peak_gflops())
+            log.print(f"SiT-{model} {precision}: compiling, then {args.warmup}+{args.steps} steps")
+            rows.append(bench_one(model, precision, args.batch, args.steps, args.warmup))
+            log.print(f"  {rows[-1]['step_s']:.2f} s/step")
+    peaks.append(measure_peak_gflops())
+    peak = max(peaks)
+    log.print(f"matmul GFLOP/s measured along the run: {', '.join(f'{p:.0f}' for p in peaks)}")
+    for row in rows:
+        row["mfu"] = row["achieved_gflops"] / peak
+    total_s = time.perf_counter() - run_start
+
+    # Piped output would otherwise be cut to 80 columns and truncate the table's cells.
+    console = Console(width=None if Console().is_terminal else 120)
+    console.print(results_table(rows, args.steps, args.warmup))
+    console.print(
+        f"MFU is relative to the measured peak of this machine: {peak:.1f} GFLOP/s, the best "
+        f"jitted fp32 2048x2048 matmul (10 reps at each of {len(peaks)} points of the run). bf16 "
+        "rows use the same fp32 peak (the CPU has no faster bf16 path).\n"
+        "GFLOP/step: XLA cost analysis with every SiT block counted (depth-1/2 variants "
+        "extrapolated); XLA raw: the compiled step's own count, which counts each scanned "
+        "layer loop once.\n"
+        f"compile s = lower + compile. {len(jax.devices())} {jax.default_backend()} device, "
+        f"{os.cpu_count()} cores; total wall time {total_s:.0f} s."
+    )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        report = {
+            "jax": jax.__version__,
+            "backend": jax.default_backend(),
+            "cpu_count": os.cpu_count(),
+            "processor": platform.processor() or platform.machine(),
+            "peak_gflops_fp32_matmul_2048": peak,
+            "matmul_gflops_along_run": peaks,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "total_wall_s": total_s,
+            "rows": rows,
+        }
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        log.print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""The `repa` command line: parses arguments, calls the library, turns errors into one line."""
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    help="REPA (representation alignment) for diffusion transformers, in JAX/Equinox.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _fail(message: str, code: int = 1) -> None:
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(code)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from repa_eqx.checkpoint import CheckpointMismatch
+    from repa_eqx.data import DataError
+    from repa_eqx.recipe import RecipeError
+    from repa_eqx.train import TrainingDiverged
+
+    errors: list[type[BaseException]] = [
+        RecipeError,
+        DataError,
+        CheckpointMismatch,
+        TrainingDiverged,
+        FileNotFoundError,
+    ]
+    from repa_eqx import dinov2, hub
+
+    errors += [hub.PretrainedNotFound, dinov2.WeightsMismatch]
+    return tuple(errors)
+
+
+@app.callback()
+def main() -> None:
+    """Train SiT with REPA; see `repa train --help`."""
+
+
+@app.command()
+def train(
+    recipe: Annotated[Path, typer.Argument(help="TOML recipe, e.g. recipes/quickstart.toml")],
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a recipe key: --set optim.lr=3e-4 (TOML value)"),
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in output.dir")] = False,
+    progress: Annotated[bool, typer.Option(help="Show the progress bar")] = True,
+) -> None:
+    """Train a SiT (+ REPA) as the recipe says; outputs go to the recipe's output.dir."""
+    from repa_eqx.recipe import load_recipe
+    from repa_eqx.train import train as run_training
+
+    errors = _user_errors()
+    try:
+        r = load_recipe(recipe, set_ or [])
+        result = run_training(r, resume=resume, progress=progress)
+    except errors as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        _fail("interrupted: the state was saved; continue with --resume", code=130)
+    out = result.run_dir
+    summary = ", ".join(f"{k} {v:.4f}" for k, v in result.last.items() if "loss" in k)
+    typer.echo(f"done: step {result.step}; {summary}")
+    for name in ("samples.png", "loss.png", "metrics.jsonl", "recipe.toml"):
+        if (out / name).exists():
+            typer.echo(f"  {out / name}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,21 @@
+# repa-eqx tasks. `just` comes from the rust-just package (in the test extras).
+
+# The offline demo: MNIST-5k, a small SiT, REPA against the offline DINOv2-S teacher.
+quickstart:
+    repa train recipes/quickstart.toml
+
+# The default test suite (what CI runs).
+test *ARGS:
+    pytest -q {{ARGS}}
+
+# Every test, the slow ones too.
+test-all *ARGS:
+    pytest -q -m "slow or not slow" {{ARGS}}
+
+# Train-step speed, images/s, model FLOP utilisation and compile time.
+bench *ARGS:
+    python benchmarks/bench_train_step.py {{ARGS}}
+
+lint:
+    ruff check src cli tests benchmarks
+    ruff format --check src cli tests benchmarks

