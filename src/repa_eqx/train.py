@@ -189,14 +189,26 @@ def make_train_step(
 
 
 def sample_images(
-    model: REPAModel, labels: Int[Array, " n"], key: PRNGKeyArray, num_steps: int
+    model: REPAModel,
+    labels: Int[Array, " n"],
+    key: PRNGKeyArray,
+    num_steps: int,
+    cfg_scale: float = 1.0,
 ) -> Float[Array, "n c h w"]:
-    """Euler-ODE samples of the (EMA) model for the given labels, in model space."""
+    """Euler-ODE samples of the (EMA) model for the given labels, in model space. With
+    cfg_scale != 1, classifier-free guidance on all channels: v_null + w (v_y - v_null)."""
     cfg = model.sit.config
     noise = jax.random.normal(key, (len(labels), cfg.in_channels, cfg.input_size, cfg.input_size))
+    null = jnp.full_like(labels, model.sit.null_label)
 
     def velocity(x, t):
-        return jax.vmap(model.velocity)(x, t, labels)
+        if cfg_scale == 1.0:
+            return jax.vmap(model.velocity)(x, t, labels)
+        both = jax.vmap(model.velocity)(
+            jnp.concatenate([x, x]), jnp.concatenate([t, t]), jnp.concatenate([labels, null])
+        )
+        cond, uncond = jnp.split(both, 2)
+        return uncond + cfg_scale * (cond - uncond)
 
     return euler_ode(velocity, noise, num_steps)
 
@@ -303,9 +315,9 @@ def train(
     if resume and checkpointer.latest_step() is not None:
         start = checkpointer.latest_step()
         state, _ = checkpointer.restore(start, state)
-        metrics_log.truncate_after(start)
         console.print(f"resumed {run_dir} from step {start}")
 
+    metrics_log.truncate_after(start)  # lines logged after the checkpoint we start from
     state_arrays, static_state = eqx.partition(state, eqx.is_array)
     enc_arrays, static_enc = eqx.partition(encoders, eqx.is_array)
     step_cfg = StepConfig(
@@ -338,7 +350,9 @@ def train(
         n = recipe.train.num_samples
         labels = jnp.arange(n) % config.num_classes
         key = jax.random.key(recipe.train.seed + 1)  # same noise every time: grids comparable
-        images = from_model_space(_sample_jit(ema, labels, key, recipe.train.sample_steps))
+        images = from_model_space(
+            _sample_jit(ema, labels, key, recipe.train.sample_steps, recipe.train.sample_cfg)
+        )
         nrow = config.num_classes if config.num_classes <= 16 else 8
         save_grid(images, run_dir / "samples" / f"step_{step:07d}.png", nrow=nrow, scale=2)
         save_grid(images, run_dir / "samples.png", nrow=nrow, scale=2)
