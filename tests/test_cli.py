@@ -46,7 +46,10 @@ dir = "{tmp_path / "run"}"
     [
         (["--set", "model.dept=3"], "error: recipe key 'model.dept' is unknown"),
         (["--set", "optim.lr=fast"], "error: recipe key 'optim.lr' must be float, got str 'fast'"),
-        (["--set", "encoders=[{id='nowhere/not-a-model', resolution=112}]"], "error: "),
+        (
+            ["--set", "encoders=[{id='nowhere/not-a-model', resolution=112}]"],
+            "error: 'nowhere/not-a-model' is not in the Hub cache and the Hub cannot be reached",
+        ),
     ],
 )
 def test_bad_input_is_one_line(tmp_path, args, message, monkeypatch):

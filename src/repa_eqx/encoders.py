@@ -45,11 +45,6 @@ def load_encoders(specs: Sequence[EncoderSpec], grid: int) -> tuple[TargetEncode
     return tuple(encoders)
 
 
-@eqx.filter_jit
-def _encode(encoder: TargetEncoder, images):
-    return encoder(images)
-
-
 def precompute_features(
     encoders: Sequence[TargetEncoder],
     dataset: ImageDataset,
@@ -65,10 +60,10 @@ def precompute_features(
     out = []
     images_hash = hashlib.sha256(dataset.images.tobytes()).hexdigest()[:16]
     for enc in encoders:
-        leaves = jax.tree.leaves(eqx.filter(enc.model, eqx.is_array))
-        weights_hash = hashlib.sha256(
-            b"".join(np.asarray(leaf[:1]).tobytes() for leaf in leaves)
-        ).hexdigest()[:16]
+        digest = hashlib.sha256()
+        for leaf in jax.tree.leaves(eqx.filter(enc.model, eqx.is_array)):
+            digest.update(np.asarray(leaf).tobytes())
+        weights_hash = digest.hexdigest()[:16]
         path = (
             cache_dir()
             / "features"
@@ -82,7 +77,7 @@ def precompute_features(
             task = bar.add_task(f"target features ({enc.name})", total=len(dataset))
             for lo in range(0, len(dataset), batch_size):
                 chunk = dataset.images[lo : lo + batch_size]
-                chunks.append(np.asarray(_encode(enc, chunk)).astype(np.float16))
+                chunks.append(np.asarray(enc(chunk)).astype(np.float16))
                 bar.update(task, advance=len(chunk))
         feats = np.concatenate(chunks)
         path.parent.mkdir(parents=True, exist_ok=True)
