@@ -10,9 +10,9 @@ from safetensors.numpy import load_file, save_file
 from transformers import Dinov2Config as HFConfig
 from transformers import Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
+from repa_eqx import WeightsMismatch
 from repa_eqx.dinov2 import (
     Dinov2Config,
-    WeightsMismatch,
     encode,
     load_dinov2,
     preprocess,

@@ -5,36 +5,14 @@ from typing import Annotated
 
 import typer
 
+from ._common import fail, user_errors
+
 app = typer.Typer(
     help="REPA (representation alignment) for diffusion transformers, in JAX/Equinox.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-
-
-def _fail(message: str, code: int = 1) -> None:
-    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
-    raise typer.Exit(code)
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from repa_eqx.checkpoint import CheckpointMismatch
-    from repa_eqx.data import DataError
-    from repa_eqx.recipe import RecipeError
-    from repa_eqx.train import TrainingDiverged
-
-    errors: list[type[BaseException]] = [
-        RecipeError,
-        DataError,
-        CheckpointMismatch,
-        TrainingDiverged,
-        FileNotFoundError,
-    ]
-    from repa_eqx import dinov2, hub
-
-    errors += [hub.PretrainedNotFound, dinov2.WeightsMismatch]
-    return tuple(errors)
 
 
 @app.callback()
@@ -56,14 +34,14 @@ def train(
     from repa_eqx.recipe import load_recipe
     from repa_eqx.train import train as run_training
 
-    errors = _user_errors()
+    errors = user_errors()
     try:
         r = load_recipe(recipe, set_ or [])
         result = run_training(r, resume=resume, progress=progress)
     except errors as e:
-        _fail(str(e))
+        fail(str(e))
     except KeyboardInterrupt:
-        _fail("interrupted: the state was saved; continue with --resume", code=130)
+        fail("interrupted: the state was saved; continue with --resume", code=130)
     out = result.run_dir
     summary = ", ".join(f"{k} {v:.4f}" for k, v in result.last.items() if "loss" in k)
     typer.echo(f"done: step {result.step}; {summary}")

@@ -1,5 +1,6 @@
 """repa-eqx: REPA (representation alignment) for diffusion transformers in JAX/Equinox."""
 
+from ._convert import WeightsMismatch
 from .dinov2 import Dinov2, Dinov2Config, load_dinov2
 from .interpolants import coefficients, interpolate, sample_t
 from .losses import denoising_loss, repa_loss, total_loss
@@ -29,4 +30,5 @@ __all__ = [
     "sample_t",
     "total_loss",
     "train",
+    "WeightsMismatch",
 ]

@@ -9,7 +9,6 @@ caller will use. `Dinov2` maps one image to its patch tokens after the final Lay
 import dataclasses
 import json
 import math
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +19,7 @@ import jax.random as jr
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray, UInt8
 
+from ._convert import Target, fill
 from ._resize import resize_bicubic
 from .hub import load_safetensors, resolve_pretrained
 
@@ -27,10 +27,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _MODEL_TYPES = ("dinov2", "dinov2_with_registers")
-
-
-class WeightsMismatch(ValueError):
-    """A checkpoint's tensors do not match the architecture its config describes."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -281,28 +277,24 @@ def resample_pos_embed(
     return jnp.concatenate([cls, table])
 
 
-# Where each Hub tensor goes: (name, path in the model, leading unit axes in the file).
-_Where = Callable[[Any], Any]
-
-
-def _top_level_targets(config: Dinov2Config) -> list[tuple[str, _Where, int]]:
+def _targets(config: Dinov2Config) -> list[Target]:
+    """Where each Hub tensor goes in the model."""
     targets = [
-        ("embeddings.cls_token", lambda m: m.cls_token, 2),
-        ("embeddings.position_embeddings", lambda m: m.pos_embed, 1),
-        ("embeddings.patch_embeddings.projection.weight", lambda m: m.patch_embed.weight, 0),
-        ("embeddings.patch_embeddings.projection.bias", lambda m: m.patch_embed.bias, 0),
-        ("layernorm.weight", lambda m: m.norm.weight, 0),
-        ("layernorm.bias", lambda m: m.norm.bias, 0),
+        Target("embeddings.cls_token", lambda m: m.cls_token),
+        Target("embeddings.position_embeddings", lambda m: m.pos_embed),
+        Target("embeddings.patch_embeddings.projection.weight", lambda m: m.patch_embed.weight),
+        Target("embeddings.patch_embeddings.projection.bias", lambda m: m.patch_embed.bias),
+        Target("layernorm.weight", lambda m: m.norm.weight),
+        Target("layernorm.bias", lambda m: m.norm.bias),
     ]
     if config.num_register_tokens:
-        targets.append(("embeddings.register_tokens", lambda m: m.register_tokens, 1))
-    return targets
+        targets.append(Target("embeddings.register_tokens", lambda m: m.register_tokens))
 
+    def layers(name: str) -> list[str]:
+        return [f"encoder.layer.{i}.{name}" for i in range(config.num_hidden_layers)]
 
-def _layer_targets(config: Dinov2Config) -> list[tuple[str, _Where]]:
-    """Hub names under `encoder.layer.{i}.` and where they go in the stacked layers."""
     attn = "attention.attention"
-    targets = [
+    per_layer = [
         ("norm1.weight", lambda m: m.layers.norm1.weight),
         ("norm1.bias", lambda m: m.layers.norm1.bias),
         (f"{attn}.query.weight", lambda m: m.layers.attention.query_proj.weight),
@@ -316,18 +308,18 @@ def _layer_targets(config: Dinov2Config) -> list[tuple[str, _Where]]:
         ("layer_scale2.lambda1", lambda m: m.layers.layer_scale2),
     ]
     if config.qkv_bias:
-        targets += [
+        per_layer += [
             (f"{attn}.query.bias", lambda m: m.layers.attention.query_proj.bias),
             (f"{attn}.key.bias", lambda m: m.layers.attention.key_proj.bias),
             (f"{attn}.value.bias", lambda m: m.layers.attention.value_proj.bias),
         ]
     names = ("weights_in", "weights_out") if config.use_swiglu_ffn else ("fc1", "fc2")
     for name in names:
-        targets += [
+        per_layer += [
             (f"mlp.{name}.weight", lambda m, n=name: getattr(m.layers.mlp, n).weight),
             (f"mlp.{name}.bias", lambda m, n=name: getattr(m.layers.mlp, n).bias),
         ]
-    return targets
+    return targets + [Target(layers(name), where) for name, where in per_layer]
 
 
 # In the checkpoints but unused by the encoder (masked-image pretraining only).
@@ -337,62 +329,14 @@ _IGNORED = frozenset({"embeddings.mask_token"})
 def from_state_dict(config: Dinov2Config, tensors: dict[str, np.ndarray]) -> Dinov2:
     """A `Dinov2` at the checkpoint's own grid, every leaf filled from `tensors`."""
     skeleton = jax.eval_shape(lambda: Dinov2(config, key=jr.key(0)))
-    wheres: list[_Where] = []
-    values: list[np.ndarray] = []
-    missing: list[str] = []
-    wrong: list[str] = []
-
-    def take(name: str, want: tuple[int, ...]) -> np.ndarray | None:
-        if name not in tensors:
-            missing.append(name)
-            return None
-        if tensors[name].shape != want:
-            wrong.append(f"{name} {tensors[name].shape} (expected {want})")
-            return None
-        return tensors[name]
-
-    for name, where, lead in _top_level_targets(config):
-        leaf = where(skeleton)
-        value = take(name, (1,) * lead + leaf.shape)
-        if value is not None:
-            wheres.append(where)
-            values.append(value.reshape(leaf.shape))
-    for name, where in _layer_targets(config):
-        leaf = where(skeleton)
-        per_layer = [
-            take(f"encoder.layer.{i}.{name}", leaf.shape[1:])
-            for i in range(config.num_hidden_layers)
-        ]
-        if all(value is not None for value in per_layer):
-            wheres.append(where)
-            values.append(np.stack(per_layer))
-
     if not config.num_register_tokens:
-        wheres.append(lambda m: m.register_tokens)
-        values.append(np.zeros((0, config.hidden_size)))
-
-    expected = {name for name, _, _ in _top_level_targets(config)} | {
-        f"encoder.layer.{i}.{name}"
-        for name, _ in _layer_targets(config)
-        for i in range(config.num_hidden_layers)
-    }
-    unexpected = sorted(tensors.keys() - expected - _IGNORED)
-    problems = {"missing": missing, "unexpected": unexpected, "wrong shape": wrong}
-    if any(problems.values()):
-        listed = [f"{label}: {', '.join(keys)}" for label, keys in problems.items() if keys]
-        raise WeightsMismatch(
-            f"checkpoint does not fit a {config.model_type} with {config.num_hidden_layers} "
-            f"layers of width {config.hidden_size}: " + "; ".join(listed)
-        )
-
-    leaves = tuple(
-        jnp.asarray(value, dtype=where(skeleton).dtype)
-        for where, value in zip(wheres, values, strict=True)
+        no_registers = jnp.zeros((0, config.hidden_size))
+        skeleton = eqx.tree_at(lambda m: m.register_tokens, skeleton, no_registers)
+    what = (
+        f"a {config.model_type} with {config.num_hidden_layers} layers of width "
+        f"{config.hidden_size}"
     )
-    model = eqx.tree_at(lambda m: tuple(where(m) for where in wheres), skeleton, leaves)
-    unfilled = [leaf for leaf in jax.tree.leaves(model) if isinstance(leaf, jax.ShapeDtypeStruct)]
-    assert not unfilled, f"{len(unfilled)} parameters were left unfilled"
-    return model
+    return fill(skeleton, tensors, _targets(config), what=what, ignored=_IGNORED)
 
 
 def load_dinov2(

@@ -1,0 +1,103 @@
+"""The converter pattern shared by every pretrained port (esm2quinox's): build a shape-only
+skeleton with `jax.eval_shape`, fill each leaf from a flat state dict with a shape check,
+and fail once, listing every missing, unexpected and wrong-shape tensor, before anything
+is filled, so nothing is ever half-loaded."""
+
+import dataclasses
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class WeightsMismatch(ValueError):
+    """A checkpoint's tensors do not match the architecture its config describes."""
+
+
+Where = Callable[[Any], Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """Where one parameter of the model comes from.
+
+    `names` is one state-dict name, or one per layer for a stacked (`filter_vmap`) leaf,
+    in layer order. `transform` maps the stored tensor to our layout (a transpose, say)
+    before the shape check. Unit axes are free: a (1, 1, D) table fills a (D,) leaf.
+    """
+
+    names: str | Sequence[str]
+    where: Where
+    transform: Callable[[np.ndarray], np.ndarray] | None = None
+
+    @property
+    def all_names(self) -> tuple[str, ...]:
+        return (self.names,) if isinstance(self.names, str) else tuple(self.names)
+
+
+def _squeezed(shape: Sequence[int]) -> tuple[int, ...]:
+    return tuple(d for d in shape if d != 1)
+
+
+def fill(
+    skeleton,
+    tensors: dict[str, np.ndarray],
+    targets: Iterable[Target],
+    *,
+    what: str,
+    ignored: Iterable[str] = (),
+):
+    """`skeleton` (a module of `jax.ShapeDtypeStruct` leaves) with every leaf from `tensors`.
+
+    Raises `WeightsMismatch` naming `what` (e.g. "a DINOv2 with 12 layers") and listing
+    every problem. Tensors named in `ignored` may be present and are not used.
+    """
+    targets = list(targets)
+    missing: list[str] = []
+    wrong: list[str] = []
+    wheres: list[Where] = []
+    values: list[np.ndarray] = []
+
+    def take(name: str, transform, want: tuple[int, ...]) -> np.ndarray | None:
+        if name not in tensors:
+            missing.append(name)
+            return None
+        value = np.asarray(tensors[name])
+        if transform is not None:
+            value = transform(value)
+        if _squeezed(value.shape) != _squeezed(want):
+            wrong.append(f"{name} {tuple(value.shape)} (expected {want})")
+            return None
+        return value.reshape(want)
+
+    for target in targets:
+        leaf = target.where(skeleton)
+        if isinstance(target.names, str):
+            value = take(target.names, target.transform, tuple(leaf.shape))
+        else:
+            per_layer = [take(n, target.transform, tuple(leaf.shape[1:])) for n in target.names]
+            ok = len(per_layer) == leaf.shape[0] and all(v is not None for v in per_layer)
+            value = np.stack(per_layer) if ok else None
+        if value is not None:
+            wheres.append(target.where)
+            values.append(value)
+
+    expected = {name for target in targets for name in target.all_names}
+    unexpected = sorted(tensors.keys() - expected - set(ignored))
+    problems = {"missing": missing, "unexpected": unexpected, "wrong shape": wrong}
+    if any(problems.values()):
+        listed = [f"{label}: {', '.join(keys)}" for label, keys in problems.items() if keys]
+        raise WeightsMismatch(f"checkpoint does not fit {what}: " + "; ".join(listed))
+
+    leaves = tuple(
+        jnp.asarray(value, dtype=where(skeleton).dtype)
+        for where, value in zip(wheres, values, strict=True)
+    )
+    model = eqx.tree_at(lambda m: tuple(where(m) for where in wheres), skeleton, leaves)
+    unfilled = [leaf for leaf in jax.tree.leaves(model) if isinstance(leaf, jax.ShapeDtypeStruct)]
+    if unfilled:
+        raise AssertionError(f"{len(unfilled)} parameters of {what} have no source tensor")
+    return model
