@@ -18,7 +18,6 @@ from repa_eqx.train import (
     make_optimizer,
     make_train_step,
     repa_objective,
-    sample_images,
     sit_config,
     train,
 )
@@ -243,28 +242,3 @@ def test_encoder_grid_must_match_the_sit(tmp_path, tiny_dinov2):
     )
     with pytest.raises(RecipeError, match=r"encoders\[0\].resolution.*use 112"):
         train(bad, progress=False)
-
-
-def test_grid_sampler_guidance_is_uncond_plus_w_times_difference():
-    config = sit_config(tiny_recipe("unused", model={"input_size": 16}), 10)
-    model = init_state(config, [], 64, make_optimizer(tiny_recipe("unused")), seed=0).model
-    # Random weights everywhere, so the conditional and null velocities differ.
-    leaves, treedef = jax.tree.flatten(model)
-    keys = jax.random.split(jax.random.key(5), len(leaves))
-    model = jax.tree.unflatten(
-        treedef,
-        [
-            leaf + 0.05 * jax.random.normal(k, leaf.shape) if eqx.is_inexact_array(leaf) else leaf
-            for leaf, k in zip(leaves, keys, strict=True)
-        ],
-    )
-    labels = jnp.array([3, 7])
-    key = jax.random.key(0)
-    noise = jax.random.normal(key, (2, 1, 16, 16))
-    ones = jnp.ones(2)
-    cond = jax.vmap(model.velocity)(noise, ones, labels)
-    uncond = jax.vmap(model.velocity)(noise, ones, jnp.full(2, 10))
-    # One Euler step from t = 1 to t = 0: x0 = x1 - v(x1, 1).
-    for w, v in ((1.0, cond), (3.0, uncond + 3.0 * (cond - uncond))):
-        out = sample_images(model, labels, key, num_steps=1, cfg_scale=w)
-        np.testing.assert_allclose(out, noise - v, rtol=1e-5, atol=1e-5)

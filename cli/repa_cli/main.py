@@ -6,6 +6,7 @@ from typing import Annotated
 import typer
 
 from ._common import fail, user_errors
+from .sample import sample
 
 app = typer.Typer(
     help="REPA (representation alignment) for diffusion transformers, in JAX/Equinox.",
@@ -17,7 +18,7 @@ app = typer.Typer(
 
 @app.callback()
 def main() -> None:
-    """Train SiT with REPA; see `repa train --help`."""
+    """Train SiT with REPA (`repa train --help`), then sample from it (`repa sample --help`)."""
 
 
 @app.command()
@@ -49,6 +50,8 @@ def train(
         if (out / name).exists():
             typer.echo(f"  {out / name}")
 
+
+app.command()(sample)
 
 if __name__ == "__main__":
     app()

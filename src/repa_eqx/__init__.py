@@ -2,12 +2,13 @@
 
 from ._convert import WeightsMismatch
 from .dinov2 import Dinov2, Dinov2Config, load_dinov2
+from .generate import SamplerSpec, generate
 from .interpolants import coefficients, interpolate, sample_t
 from .losses import denoising_loss, repa_loss, total_loss
 from .model import REPAModel
 from .projector import Projector
 from .recipe import Recipe, RecipeError, load_recipe
-from .samplers import euler_ode
+from .samplers import ode_sample, sde_sample
 from .sit import SiT, SiTConfig
 from .train import train
 
@@ -22,7 +23,10 @@ __all__ = [
     "SiTConfig",
     "coefficients",
     "denoising_loss",
-    "euler_ode",
+    "generate",
+    "ode_sample",
+    "sde_sample",
+    "SamplerSpec",
     "interpolate",
     "load_dinov2",
     "load_recipe",

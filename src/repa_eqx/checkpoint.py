@@ -89,13 +89,18 @@ class Checkpointer:
             force=True,
         )
 
-    def restore(self, step: int, like):
-        """(state shaped like `like`, metadata dict)."""
+    def restore_flat(self, step: int) -> tuple[dict[str, np.ndarray], dict]:
+        """(the saved {path: array} dict, metadata dict)."""
         restored = self.manager.restore(
             step,
             args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()),
         )
-        return unflatten(dict(restored["state"]), like), restored["meta"]
+        return dict(restored["state"]), restored["meta"]
+
+    def restore(self, step: int, like):
+        """(state shaped like `like`, metadata dict)."""
+        flat, meta = self.restore_flat(step)
+        return unflatten(flat, like), meta
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

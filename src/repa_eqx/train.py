@@ -21,12 +21,12 @@ from . import interpolants
 from .checkpoint import Checkpointer
 from .data import ImageDataset, batch_indices, from_model_space, load_mnist_5k, to_model_space
 from .encoders import TargetEncoder, load_encoders, precompute_features
+from .generate import SamplerSpec, example_inputs, sample_jit
 from .images import save_grid
 from .losses import denoising_loss, repa_loss, total_loss
 from .metrics_log import MetricsLog, plot_metrics
 from .model import REPAModel
 from .recipe import Recipe, RecipeError, dump_recipe, load_recipe, recipe_to_dict
-from .samplers import euler_ode
 from .sit import SiTConfig
 
 
@@ -188,34 +188,6 @@ def make_train_step(
     return jax.jit(step, donate_argnums=0)
 
 
-def sample_images(
-    model: REPAModel,
-    labels: Int[Array, " n"],
-    key: PRNGKeyArray,
-    num_steps: int,
-    cfg_scale: float = 1.0,
-) -> Float[Array, "n c h w"]:
-    """Euler-ODE samples of the (EMA) model for the given labels, in model space. With
-    cfg_scale != 1, classifier-free guidance on all channels: v_null + w (v_y - v_null)."""
-    cfg = model.sit.config
-    noise = jax.random.normal(key, (len(labels), cfg.in_channels, cfg.input_size, cfg.input_size))
-    null = jnp.full_like(labels, model.sit.null_label)
-
-    def velocity(x, t):
-        if cfg_scale == 1.0:
-            return jax.vmap(model.velocity)(x, t, labels)
-        both = jax.vmap(model.velocity)(
-            jnp.concatenate([x, x]), jnp.concatenate([t, t]), jnp.concatenate([labels, null])
-        )
-        cond, uncond = jnp.split(both, 2)
-        return uncond + cfg_scale * (cond - uncond)
-
-    return euler_ode(velocity, noise, num_steps)
-
-
-_sample_jit = eqx.filter_jit(sample_images)
-
-
 @dataclasses.dataclass
 class TrainResult:
     run_dir: Path
@@ -345,14 +317,21 @@ def train(
             checkpointer.save(step, eqx.combine(arrays, static_state), {"step": step})
             saved.append(step)
 
+    grid_sampler = SamplerSpec(
+        "ode",
+        recipe.train.sample_steps,
+        cfg_scale=recipe.train.sample_cfg,
+        path=recipe.loss.path,
+    )
+    noise_shape = (config.in_channels, config.input_size, config.input_size)
+
     def draw(step: int, arrays) -> None:
         ema = eqx.combine(arrays, static_state).ema
         n = recipe.train.num_samples
         labels = jnp.arange(n) % config.num_classes
-        key = jax.random.key(recipe.train.seed + 1)  # same noise every time: grids comparable
-        images = from_model_space(
-            _sample_jit(ema, labels, key, recipe.train.sample_steps, recipe.train.sample_cfg)
-        )
+        # The same noise every time, so the grids of successive steps are comparable.
+        noise, keys = example_inputs(recipe.train.seed + 1, jnp.arange(n), noise_shape)
+        images = from_model_space(sample_jit(ema.sit, grid_sampler, noise, labels, keys))
         nrow = config.num_classes if config.num_classes <= 16 else 8
         save_grid(images, run_dir / "samples" / f"step_{step:07d}.png", nrow=nrow, scale=2)
         save_grid(images, run_dir / "samples.png", nrow=nrow, scale=2)

@@ -1,0 +1,142 @@
+"""`repa sample`: images from a trained model, as PNG files, a grid and an ADM `.npz`."""
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ._common import fail, user_errors
+
+
+def _interval(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(part) for part in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"expected LOW,HIGH such as 0,0.7; got {text!r}") from None
+    return low, high
+
+
+def _classes(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"expected class ids such as 1,207,360; got {text!r}") from None
+
+
+def _key_values(items: list[str] | None) -> dict[str, str | int]:
+    out: dict[str, str | int] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"expected KEY=VALUE, got {item!r}")
+        out[key.strip()] = int(value) if value.strip().isdigit() else value.strip()
+    return out
+
+
+def sample(
+    ckpt: Annotated[
+        Path | None,
+        typer.Option(
+            help="A run directory, one checkpoint RUN/checkpoints/STEP, or an official REPA "
+            ".pt file. Default: the most recent run under --runs-dir."
+        ),
+    ] = None,
+    from_hub: Annotated[
+        str | None,
+        typer.Option("--from-hub", help="A Hub repository holding an official REPA .pt file"),
+    ] = None,
+    revision: Annotated[str | None, typer.Option(help="Hub revision for --from-hub")] = None,
+    official_arg: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--official-arg",
+            help="For official checkpoints without args: --official-arg model=SiT-XL/2 "
+            "(also encoder_depth=8, projector_embed_dims=768, resolution, path_type)",
+        ),
+    ] = None,
+    mode: Annotated[str, typer.Option(help="ode or sde")] = "ode",
+    steps: Annotated[
+        int | None, typer.Option(help="Sampling steps [default: 50 for ode, 250 for sde]")
+    ] = None,
+    solver: Annotated[str, typer.Option(help="ODE solver: euler or heun")] = "euler",
+    cfg: Annotated[float, typer.Option(help="Classifier-free guidance scale (1: none)")] = 1.0,
+    interval: Annotated[
+        str, typer.Option(help="Guidance interval LOW,HIGH in t (1 = noise)")
+    ] = "0,1",
+    num: Annotated[int, typer.Option(help="Number of images")] = 64,
+    classes: Annotated[
+        str | None, typer.Option(help="Class ids to cycle through, e.g. 1,207,360")
+    ] = None,
+    class_balanced: Annotated[
+        bool, typer.Option("--class-balanced", help="Every class in turn (equal counts: fair FID)")
+    ] = False,
+    seed: Annotated[int, typer.Option(help="Seed: same seed, same images, any batch size")] = 0,
+    batch: Annotated[int, typer.Option(help="Images per batch, over all devices")] = 64,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Output folder [default: RUN/samples/<settings>]; the .npz goes beside"),
+    ] = None,
+    vae: Annotated[
+        str, typer.Option(help="SD-VAE that decodes latent-space models")
+    ] = "stabilityai/sd-vae-ft-ema",
+    png: Annotated[bool, typer.Option(help="Write one PNG per image")] = True,
+    runs_dir: Annotated[Path, typer.Option(help="Where training runs live")] = Path("runs"),
+    progress: Annotated[bool, typer.Option(help="Show the progress bar")] = True,
+) -> None:
+    """Sample with the EMA weights (ODE or SDE, guidance restricted to an interval)."""
+    from repa_eqx.generate import SamplerSpec, choose_labels, generate, to_uint8_pixels
+    from repa_eqx.runs import RunNotFound, download_official, latest_run, load_for_sampling
+
+    low_high = _interval(interval)
+    wanted = _classes(classes)
+    if ckpt is not None and from_hub is not None:
+        fail("give --ckpt or --from-hub, not both")
+    from repa_eqx.official import UnsafeCheckpoint
+
+    errors = (*user_errors(), RunNotFound, UnsafeCheckpoint, ValueError, TypeError)
+    try:
+        official = _key_values(official_arg)
+        if from_hub is not None:
+            source = download_official(from_hub, revision=revision)
+        else:
+            source = ckpt or latest_run(runs_dir)
+        model = load_for_sampling(source, official_args=official)
+        spec = SamplerSpec(
+            mode,
+            steps or (250 if mode == "sde" else 50),
+            solver=solver,
+            cfg_scale=cfg,
+            interval=low_high,
+            path=model.path,
+        )
+        labels = choose_labels(
+            num, model.sit.config.num_classes, seed=seed, classes=wanted, balanced=class_balanced
+        )
+        decode = to_uint8_pixels
+        name = f"{spec.name}-seed{seed}-n{num}"
+        if out is not None:
+            folder = out
+        elif model.source.is_file():  # an official checkpoint: beside the working directory
+            folder = Path("samples") / f"{model.source.stem}-{name}"
+        else:
+            folder = model.source / "samples" / name
+        result = generate(
+            model.sit,
+            spec,
+            num=num,
+            labels=labels,
+            seed=seed,
+            batch_size=batch,
+            decode=decode,
+            out=folder,
+            png=png,
+            progress=progress,
+        )
+    except errors as e:
+        fail(str(e))
+    step = f" step {model.step}" if model.step is not None else ""
+    typer.echo(f"sampled {num} images from {model.source}{step} ({spec.name})")
+    typer.echo(f"  {result.folder / 'grid.png'}")
+    typer.echo(f"  {result.npz}  arr_0 {result.images.shape} uint8, labels {result.labels.shape}")

@@ -1,0 +1,206 @@
+"""Sampling many images from a trained SiT: per-example noise and labels, batches sharded
+over devices, the ODE or SDE sampler, decoding, and the files evaluation tools read.
+
+Everything random about example i (its noise, its SDE noise, its random label) comes from
+`fold_in(key(seed), i)`, so the images of a seed do not depend on the batch size or on the
+number of devices.
+"""
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Literal
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+from PIL import Image
+
+from .images import save_grid
+from .interpolants import PathType
+from .samplers import ode_sample, sde_sample
+from .sit import SiT
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSpec:
+    """How to sample: the reference's `generate.py` options."""
+
+    mode: Literal["ode", "sde"] = "ode"
+    num_steps: int = 50
+    solver: Literal["euler", "heun"] = "euler"  # ODE only
+    cfg_scale: float = 1.0
+    interval: tuple[float, float] = (0.0, 1.0)
+    path: PathType = "linear"  # the interpolant the model was trained on (the SDE's score)
+
+    def __post_init__(self):
+        if self.mode not in ("ode", "sde"):
+            raise ValueError(f"mode must be 'ode' or 'sde', got {self.mode!r}")
+
+    @property
+    def name(self) -> str:
+        low, high = self.interval
+        solver = f"-{self.solver}" if self.mode == "ode" else ""
+        return f"{self.mode}{solver}-{self.num_steps}-cfg{self.cfg_scale:g}-{low:g}_{high:g}"
+
+
+def sample(
+    sit: SiT,
+    spec: SamplerSpec,
+    noise: Float[Array, "batch c h w"],
+    labels: Int[Array, " batch"],
+    keys: PRNGKeyArray,
+) -> Float[Array, "batch c h w"]:
+    """Samples of `sit` (in its own space: pixels in [-1, 1] or scaled latents)."""
+
+    def velocity(x, t, y):
+        return jax.vmap(lambda x, t, y: sit(x, t, y)[0])(x, t, y)
+
+    common = dict(
+        num_steps=spec.num_steps,
+        cfg_scale=spec.cfg_scale,
+        interval=spec.interval,
+        null_label=sit.null_label,
+    )
+    if spec.mode == "ode":
+        return ode_sample(velocity, noise, labels, solver=spec.solver, **common)
+    return sde_sample(velocity, noise, labels, keys, path=spec.path, **common)
+
+
+sample_jit = eqx.filter_jit(sample)
+
+
+def example_inputs(
+    seed: int, indices: Int[Array, " n"], shape: tuple[int, ...]
+) -> tuple[Float[Array, "n ..."], PRNGKeyArray]:
+    """Example i's initial noise and its SDE key, from `fold_in(key(seed), i)` alone (its
+    random label, if any, is drawn from the same key: `choose_labels`)."""
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(indices)
+    noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), shape))(keys)
+    return noise, jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
+
+
+def choose_labels(
+    num: int,
+    num_classes: int,
+    *,
+    seed: int = 0,
+    classes: Sequence[int] | None = None,
+    balanced: bool = False,
+) -> np.ndarray:
+    """The label of every example: the given `classes` in turn, every class in turn
+    (`balanced`: equal counts per class when `num` is a multiple of `num_classes`), or uniform
+    at random per example (the reference's default)."""
+    if classes is not None and balanced:
+        raise ValueError("give either classes or balanced, not both")
+    if classes is not None:
+        classes = np.asarray(classes, np.int32)
+        if classes.size == 0 or classes.min() < 0 or classes.max() >= num_classes:
+            raise ValueError(f"classes must lie in [0, {num_classes}), got {classes.tolist()}")
+        return classes[np.arange(num) % len(classes)]
+    if balanced:
+        return (np.arange(num) % num_classes).astype(np.int32)
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.arange(num))
+    draw = lambda k: jax.random.randint(jax.random.fold_in(k, 2), (), 0, num_classes)
+    return np.asarray(jax.vmap(draw)(keys))
+
+
+def to_uint8_pixels(x: Float[Array, "n c h w"]) -> np.ndarray:
+    """Pixel-space samples in [-1, 1] -> uint8 NHWC with 3 channels (grey repeated), the
+    layout ADM's evaluator reads."""
+    images = np.clip(np.round((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255)
+    images = images.astype(np.uint8).transpose(0, 2, 3, 1)
+    return np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
+
+
+@dataclasses.dataclass
+class Samples:
+    images: np.ndarray  # uint8 (N, H, W, 3)
+    labels: np.ndarray  # int (N,)
+    npz: Path | None
+    folder: Path | None
+
+
+def generate(
+    sit: SiT,
+    spec: SamplerSpec,
+    *,
+    num: int,
+    labels: np.ndarray,
+    seed: int = 0,
+    batch_size: int = 64,
+    decode: Callable[[jax.Array], np.ndarray] = to_uint8_pixels,
+    out: str | Path | None = None,
+    png: bool = True,
+    devices: Sequence[jax.Device] | None = None,
+    progress: bool = True,
+    console=None,
+) -> Samples:
+    """`num` samples of `sit` with the given labels, decoded to uint8 NHWC.
+
+    With `out`, writes `out/000000.png`..., `out/grid.png` and `out.npz` (ADM layout:
+    `arr_0` uint8 NHWC, plus `labels`). The batch is split over `devices` (default: all
+    local devices), rounded up to a multiple of their number.
+    """
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    if len(labels) != num:
+        raise ValueError(f"{len(labels)} labels for {num} samples")
+    devices = list(devices or jax.local_devices())
+    batch_size = math.ceil(batch_size / len(devices)) * len(devices)
+    mesh = Mesh(np.array(devices), ("data",))
+    data = NamedSharding(mesh, P("data"))
+    sit = eqx.filter_shard(sit, NamedSharding(mesh, P()))
+    cfg = sit.config
+    shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
+
+    images = []
+    columns = [
+        TextColumn("[bold]sample"),
+        BarColumn(bar_width=20),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    ]
+    with Progress(*columns, console=console, disable=not progress) as bar:
+        task = bar.add_task("sample", total=num, rate="")
+        start = time.perf_counter()
+        for lo in range(0, num, batch_size):
+            # The last batch is padded to the full size: one compiled shape for all batches.
+            idx = np.arange(lo, lo + batch_size)
+            y = labels[np.minimum(idx, num - 1)]
+            noise, keys = example_inputs(seed, jnp.asarray(idx), shape)
+            noise, keys, y = jax.device_put((noise, keys, jnp.asarray(y)), data)
+            x = sample_jit(sit, spec, noise, y, keys)
+            images.append(decode(x)[: num - lo])
+            done = min(lo + batch_size, num)
+            rate = done / (time.perf_counter() - start)
+            bar.update(task, completed=done, rate=f"{rate:.2f} img/s")
+    images = np.concatenate(images)
+
+    npz = folder = None
+    if out is not None:
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        if png:
+            for i, image in enumerate(images):
+                Image.fromarray(image).save(folder / f"{i:06d}.png")
+        n_grid = min(num, 64)
+        nrow = 8 if n_grid >= 8 else n_grid
+        save_grid(images[:n_grid].transpose(0, 3, 1, 2), folder / "grid.png", nrow=nrow)
+        npz = folder.with_name(folder.name + ".npz")
+        np.savez(npz, arr_0=images, labels=np.asarray(labels))
+    return Samples(images, np.asarray(labels), npz, folder)
