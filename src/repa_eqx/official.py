@@ -1,0 +1,539 @@
+"""The official PyTorch REPA checkpoints (sihyun-yu/REPA) into and out of our SiT + projectors.
+
+`read_pt` reads a `torch.save` file without torch: a restricted unpickler that builds only
+tensors (as numpy arrays), containers and `argparse.Namespace`, and refuses every other global,
+so a hostile file cannot run code. `load_official` turns the reference's checkpoint (its
+`model` / `ema` state dicts and `args`) into a `REPAModel`; `export_official` writes ours in
+that layout: safetensors always, a `.pt` as the reference's train.py saves it when torch is
+importable.
+"""
+
+import argparse
+import collections
+import dataclasses
+import io
+import json
+import pickle
+import struct
+import types
+import zipfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_dtypes
+import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from ._convert import Target, WeightsMismatch, fill
+from .model import REPAModel
+from .sit import SiTConfig, sincos_pos_embed_2d
+
+# ------------------------------------------------------------------------ torch-free reader
+
+
+class UnsafeCheckpoint(pickle.UnpicklingError):
+    """A `.pt` file asks for something a checkpoint of tensors never needs."""
+
+
+_STORAGE_DTYPES = {
+    "FloatStorage": np.float32,
+    "DoubleStorage": np.float64,
+    "HalfStorage": np.float16,
+    "BFloat16Storage": ml_dtypes.bfloat16,
+    "LongStorage": np.int64,
+    "IntStorage": np.int32,
+    "ShortStorage": np.int16,
+    "CharStorage": np.int8,
+    "ByteStorage": np.uint8,
+    "BoolStorage": np.bool_,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class _StorageType:
+    """What `torch.FloatStorage` & co. unpickle to: only the element type is needed."""
+
+    dtype: np.dtype
+
+
+def _rebuild_tensor(storage, offset, size, stride, *_):  # requires_grad, hooks, metadata
+    size, stride = tuple(size), tuple(stride)
+    fields = (offset, *size, *stride)
+    if not isinstance(storage, np.ndarray) or len(size) != len(stride):
+        raise UnsafeCheckpoint("malformed tensor record")
+    if any(type(v) is not int or v < 0 for v in fields):
+        raise UnsafeCheckpoint(f"malformed tensor record: offset {offset}, strides {stride}")
+    if 0 in size:
+        return np.zeros(size, storage.dtype)
+    # as_strided trusts its arguments: an out-of-range view would read foreign memory.
+    last = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
+    if last >= storage.size:
+        raise UnsafeCheckpoint(f"tensor reaches element {last} of a {storage.size}-element storage")
+    strides = tuple(s * storage.itemsize for s in stride)
+    return np.lib.stride_tricks.as_strided(storage[offset:], size, strides, writeable=False)
+
+
+def _rebuild_parameter(data, *_):  # requires_grad, hooks
+    return data
+
+
+def _latin1_bytes(text: str, encoding: str) -> bytes:
+    # Pickle protocol 2 (torch.save's) writes `bytes` as `_codecs.encode(str, "latin1")`.
+    if encoding != "latin1":
+        raise UnsafeCheckpoint(f"unexpected bytes encoding {encoding!r}")
+    return text.encode("latin1")
+
+
+_SAFE_GLOBALS: dict[tuple[str, str], Any] = {
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    # A plain attribute bag: the reference's `args` carries only strings, numbers, booleans.
+    ("argparse", "Namespace"): types.SimpleNamespace,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("builtins", "slice"): slice,
+    ("_codecs", "encode"): _latin1_bytes,
+} | {("torch", name): _StorageType(np.dtype(dtype)) for name, dtype in _STORAGE_DTYPES.items()}
+
+
+def _data_offset(file, info: zipfile.ZipInfo) -> int:
+    """Where an entry's bytes start: after its local header, whose extra field (torch pads it
+    to align tensors) may differ from the central directory's."""
+    file.seek(info.header_offset)
+    header = file.read(30)
+    if header[:4] != b"PK\x03\x04":
+        raise ValueError(f"corrupt zip entry {info.filename}")
+    name_len, extra_len = struct.unpack("<HH", header[26:30])
+    return info.header_offset + 30 + name_len + extra_len
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, data: bytes, storage: Callable[[str, np.dtype], np.ndarray], path: str):
+        super().__init__(io.BytesIO(data))
+        self._storage = storage
+        self._path = path
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _SAFE_GLOBALS:
+            raise UnsafeCheckpoint(
+                f"{self._path}: refusing to load the global {module}.{name}: a checkpoint of "
+                "tensors needs only torch storages, OrderedDict and argparse.Namespace, and "
+                "this one could run code when unpickled."
+            )
+        return _SAFE_GLOBALS[module, name]
+
+    def persistent_load(self, pid):
+        match pid:
+            case ("storage", _StorageType(dtype=dtype), str(key), _location, _numel):
+                return self._storage(key, dtype)
+        raise UnsafeCheckpoint(f"{self._path}: unknown persistent record {pid!r:.80}")
+
+
+def read_pt(path: str | Path) -> Any:
+    """The object `torch.save` wrote to `path`, with every tensor as a read-only numpy array.
+
+    Tensors are views into a memory map of the file, so nothing is read until used: loading the
+    EMA weights of a training checkpoint does not read its optimizer state. Raises
+    `UnsafeCheckpoint` if the pickle asks for anything but tensors, containers and
+    `argparse.Namespace` (which becomes a `types.SimpleNamespace`).
+    """
+    path = Path(path)
+    if not zipfile.is_zipfile(path):
+        raise ValueError(
+            f"{path} is not a zip-format torch.save file (the legacy pre-1.6 format is not read)"
+        )
+    with zipfile.ZipFile(path) as archive, open(path, "rb") as file:
+        pickles = [n for n in archive.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
+        if len(pickles) != 1:
+            raise ValueError(f"{path} is a zip but not a torch.save file (no <name>/data.pkl)")
+        prefix = pickles[0][: -len("data.pkl")]
+        entries = {info.filename: info for info in archive.infolist()}
+        big_endian = (
+            prefix + "byteorder" in entries and archive.read(prefix + "byteorder") == b"big"
+        )
+        mapped = np.memmap(path, np.uint8, mode="r")
+        storages: dict[str, np.ndarray] = {}
+
+        def storage(key: str, dtype: np.dtype) -> np.ndarray:
+            name = f"{prefix}data/{key}"
+            if name not in entries:
+                raise ValueError(f"{path}: storage {key!r} is missing")
+            if name not in storages:
+                info = entries[name]
+                if info.compress_type == zipfile.ZIP_STORED:
+                    start = _data_offset(file, info)
+                    raw = mapped[start : start + info.file_size]
+                else:  # torch never compresses, but a re-zipped file may be.
+                    raw = np.frombuffer(archive.read(name), np.uint8)
+                storages[name] = raw
+            raw = storages[name]
+            if raw.size % dtype.itemsize:
+                raise ValueError(f"{path}: storage {key!r} is not a whole number of {dtype}")
+            return raw.view(dtype.newbyteorder(">") if big_endian else dtype)
+
+        return _Unpickler(archive.read(pickles[0]), storage, str(path)).load()
+
+
+# ------------------------------------------------------------------ the reference's `args`
+
+# train.py's defaults for the fields that shape the model but may be absent from `args`.
+_ARGS_DEFAULTS = {"resolution": 256, "num_classes": 1000, "qk_norm": False}
+# Not in the reference's `args` (it only builds named sizes with a 2048-wide projector):
+# they describe custom models, e.g. a tiny test one.
+_EXTENSIONS = ("depth", "hidden_size", "num_heads", "in_channels", "projector_dim")
+_ARGS_FIELDS = frozenset(
+    {"model", "encoder_depth", "enc_type", "projector_embed_dims", "fused_attn"}
+    | set(_ARGS_DEFAULTS)
+    | set(_EXTENSIONS)
+)
+# ViT width by size letter: the last part of an `enc_type` entry such as "dinov2-vit-b".
+_VIT_WIDTHS = {"s": 384, "b": 768, "l": 1024, "h": 1280, "g": 1536}
+_VAE_FACTOR = 8  # the reference's latent grid is resolution / 8 (sd-vae)
+
+
+def _z_dims(args: Mapping[str, Any]) -> tuple[int, ...]:
+    dims = args.get("projector_embed_dims")
+    if dims is not None:  # generate.py's "768,1024"
+        return tuple(int(d) for d in (dims.split(",") if isinstance(dims, str) else dims))
+    widths = []
+    for name in args["enc_type"].split(","):  # train.py's "dinov2-vit-b,clip-vit-L"
+        size = name.rsplit("-", 1)[-1].lower()
+        if size not in _VIT_WIDTHS:
+            raise ValueError(
+                f"cannot tell the width of encoder {name!r}: pass projector_embed_dims"
+            )
+        widths.append(_VIT_WIDTHS[size])
+    return tuple(widths)
+
+
+def official_config(args: Mapping[str, Any]) -> tuple[SiTConfig, tuple[int, ...], int]:
+    """(SiT config, projector output widths, projector width) that the reference's `args` build.
+
+    Reads `model` ("SiT-XL/2"), `encoder_depth`, `resolution` (latent grid = resolution / 8),
+    `num_classes`, `qk_norm` (must be false), and `projector_embed_dims` ("768,1024") or else
+    `enc_type` ("dinov2-vit-b": the encoder's width). Our extensions `depth`, `hidden_size`,
+    `num_heads`, `in_channels` and `projector_dim` describe models outside the named sizes.
+    The label dropout is the reference SiT's fixed 0.1 (its `cfg_prob` only matters for the
+    `legacy` double dropout in training).
+    """
+    given = {k: v for k, v in args.items() if v is not None}
+    missing = [k for k in ("model", "encoder_depth") if k not in given]
+    if "projector_embed_dims" not in given and "enc_type" not in given:
+        missing.append("projector_embed_dims (or enc_type)")
+    if missing:
+        raise ValueError(
+            f"the checkpoint's args lack {', '.join(missing)}: pass them as keyword arguments "
+            "(the released SiT-XL/2 last.pt: model='SiT-XL/2', encoder_depth=8, "
+            "projector_embed_dims='768')"
+        )
+    args = _ARGS_DEFAULTS | given
+    if args["qk_norm"]:
+        raise ValueError("qk_norm=True checkpoints are not supported: our SiT has no qk-norm")
+    if args["resolution"] % _VAE_FACTOR:
+        raise ValueError(f"resolution {args['resolution']} is not a multiple of {_VAE_FACTOR}")
+    sizes = {
+        k: int(args[k]) for k in ("depth", "hidden_size", "num_heads", "in_channels") if k in args
+    }
+    config = SiTConfig.from_name(
+        args["model"],
+        input_size=int(args["resolution"]) // _VAE_FACTOR,
+        num_classes=int(args["num_classes"]),
+        encoder_depth=int(args["encoder_depth"]),
+        **sizes,
+    )
+    return config, _z_dims(args), int(args.get("projector_dim", 2048))
+
+
+# ------------------------------------------------------------------------------ names
+
+
+def _linear(names: str | list[str], where) -> list[Target]:
+    def suffixed(leaf: str):
+        return f"{names}.{leaf}" if isinstance(names, str) else [f"{n}.{leaf}" for n in names]
+
+    return [
+        Target(suffixed("weight"), lambda m: where(m).weight),
+        Target(suffixed("bias"), lambda m: where(m).bias),
+    ]
+
+
+def _targets(config: SiTConfig, num_projectors: int) -> list[Target]:
+    """Where each of the reference's state-dict tensors goes in a `REPAModel`. No transforms:
+    timm's Attention lays qkv out as (3, heads, head_dim) like ours, the adaLN chunks come in
+    the same order (shift, scale, gate for attention, then for the MLP), and the patch conv
+    kernel is stored as torch's (hidden, channels, p, p)."""
+    targets = [
+        Target("x_embedder.proj.weight", lambda m: m.sit.patch_weight),
+        Target("x_embedder.proj.bias", lambda m: m.sit.patch_bias),
+        *_linear("t_embedder.mlp.0", lambda m: m.sit.t_fc1),
+        *_linear("t_embedder.mlp.2", lambda m: m.sit.t_fc2),
+        Target("y_embedder.embedding_table.weight", lambda m: m.sit.label_table),
+        *_linear("final_layer.adaLN_modulation.1", lambda m: m.sit.final_adaln),
+        *_linear("final_layer.linear", lambda m: m.sit.final_linear),
+    ]
+    blocks = {
+        "attn.qkv": "qkv",
+        "attn.proj": "proj",
+        "mlp.fc1": "fc1",
+        "mlp.fc2": "fc2",
+        "adaLN_modulation.1": "adaln",
+    }
+    for theirs, ours in blocks.items():
+        names = [f"blocks.{i}.{theirs}" for i in range(config.depth)]
+        targets += _linear(names, lambda m, a=ours: getattr(m.sit.blocks, a))
+    for j in range(num_projectors):
+        for index, ours in (("0", "fc1"), ("2", "fc2"), ("4", "fc3")):
+            targets += _linear(
+                f"projectors.{j}.{index}", lambda m, j=j, a=ours: getattr(m.projectors[j], a)
+            )
+    return targets
+
+
+# Wrappers added around the whole model by DDP (`module.`) and torch.compile (`_orig_mod.`).
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _strip_wrappers(tensors: dict[str, Any]) -> dict[str, Any]:
+    for prefix in _WRAPPER_PREFIXES:
+        if tensors and all(name.startswith(prefix) for name in tensors):
+            return _strip_wrappers({k.removeprefix(prefix): v for k, v in tensors.items()})
+    return tensors
+
+
+def _canonical_names(tensors: Mapping[str, Any], encoder_depth: int) -> dict[str, Any]:
+    tensors = _strip_wrappers(dict(tensors))
+    # Early REPA checkpoints (generate.py --legacy) kept the blocks after the projector tap
+    # as decoder_blocks.{i - encoder_depth}.
+    renamed = {}
+    for name, value in tensors.items():
+        if name.startswith("decoder_blocks."):
+            _, index, rest = name.split(".", 2)
+            name = f"blocks.{int(index) + encoder_depth}.{rest}"
+        renamed[name] = value
+    return renamed
+
+
+# The reference's update_ema also averages the frozen position table, and fp32 rounding lets
+# the EMA copy drift from it (up to ~6e-4 at decay 0.9999; sin-cos values lie in [-1, 1]).
+# Any other table differs by O(1).
+_POS_EMBED_ATOL = 1e-3
+
+
+def _pos_embed_check(stored, config: SiTConfig) -> tuple[str | None, float | None]:
+    """(problem, max |stored - ours|) for the checkpoint's frozen position table."""
+    if stored is None:
+        return None, None
+    ours = sincos_pos_embed_2d(config.hidden_size, config.grid_size)
+    stored = np.asarray(stored)
+    if tuple(d for d in stored.shape if d != 1) != ours.shape:
+        return (
+            f"pos_embed {tuple(stored.shape)} is not a {config.grid_size}x{config.grid_size} "
+            f"grid of width {config.hidden_size} (expected (1, {ours.shape[0]}, "
+            f"{ours.shape[1]}): wrong resolution?)",
+            None,
+        )
+    if not np.issubdtype(stored.dtype, np.floating) and stored.dtype != ml_dtypes.bfloat16:
+        return f"pos_embed has dtype {stored.dtype}, not a float table", None
+    diff = float(np.abs(stored.reshape(ours.shape).astype(np.float32) - ours).max())
+    # A half-precision copy is also off by its rounding.
+    tolerance = max(_POS_EMBED_ATOL, 2 * float(ml_dtypes.finfo(stored.dtype).eps))
+    if not diff <= tolerance:
+        return f"pos_embed is not the fixed 2-D sin-cos table (max difference {diff:.3g})", diff
+    return None, diff
+
+
+def _describe(config: SiTConfig, z_dims: Sequence[int]) -> str:
+    return (
+        f"a SiT of depth {config.depth}, width {config.hidden_size}, patch {config.patch_size}, "
+        f"{config.num_classes} classes, with projectors to {tuple(z_dims)}"
+    )
+
+
+def _from_state_dict(
+    tensors: Mapping[str, Any], config: SiTConfig, z_dims: tuple[int, ...], projector_dim: int
+) -> tuple[REPAModel, float | None]:
+    tensors = _canonical_names(tensors, config.encoder_depth)
+    skeleton = jax.eval_shape(
+        lambda: REPAModel(config, z_dims, projector_dim, key=jax.random.key(0))
+    )
+    what = _describe(config, z_dims)
+    pos_problem, pos_diff = _pos_embed_check(tensors.get("pos_embed"), config)
+    targets = _targets(config, len(z_dims))
+    try:
+        model = fill(skeleton, tensors, targets, what=what, ignored=("pos_embed",))
+    except WeightsMismatch as e:
+        if pos_problem:
+            raise WeightsMismatch(f"{e}; {pos_problem}") from None
+        raise
+    if pos_problem:
+        raise WeightsMismatch(f"checkpoint does not fit {what}: {pos_problem}")
+    return model, pos_diff
+
+
+def from_official_state_dict(
+    tensors: Mapping[str, Any],
+    config: SiTConfig,
+    z_dims: Sequence[int],
+    projector_dim: int = 2048,
+) -> REPAModel:
+    """A `REPAModel` with every leaf from the reference's state dict (arrays by name).
+
+    Raises `WeightsMismatch` listing every missing, unexpected and wrong-shape tensor, and a
+    `pos_embed` that is not our sin-cos table (a frozen buffer: checked, not loaded).
+    """
+    return _from_state_dict(tensors, config, tuple(z_dims), projector_dim)[0]
+
+
+def official_state_dict(model: REPAModel) -> dict[str, np.ndarray]:
+    """Our parameters under the reference's state-dict names, float32 (the reference keeps fp32
+    weights), with the frozen `pos_embed` table its `load_state_dict` expects."""
+    out: dict[str, np.ndarray] = {}
+    for target in _targets(model.sit.config, len(model.projectors)):
+        value = np.asarray(target.where(model), np.float32)
+        if isinstance(target.names, str):
+            out[target.names] = value
+        else:  # one tensor per layer of a stacked leaf
+            out.update(zip(target.names, value, strict=True))
+    c = model.sit.config
+    out["pos_embed"] = sincos_pos_embed_2d(c.hidden_size, c.grid_size)[None]
+    return out
+
+
+# ------------------------------------------------------------------------- load / export
+
+
+@dataclasses.dataclass(frozen=True)
+class OfficialInfo:
+    args: dict[str, Any]  # the checkpoint's `args` with the caller's overrides applied
+    weights: str  # "ema", "model", or "state_dict" for a file holding a single one
+    steps: int | None  # training steps, when the checkpoint records them
+    pos_embed_max_diff: float | None  # vs the exact sin-cos table (EMA rounding drift)
+
+
+_ARGS_KEY, _WEIGHTS_KEY = "repa_args", "repa_weights"  # safetensors metadata
+
+
+def _read_any(path: Path, use_ema: bool) -> tuple[Mapping[str, Any], dict, str, int | None]:
+    """(state dict, args, which weights, steps) from a `.pt` or our `.safetensors`."""
+    if not zipfile.is_zipfile(path):
+        try:
+            with safe_open(path, framework="numpy") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except SafetensorError as e:
+            raise ValueError(f"{path} is neither a torch.save file nor safetensors: {e}") from None
+        args = json.loads(meta[_ARGS_KEY]) if _ARGS_KEY in meta else {}
+        return tensors, args, meta.get(_WEIGHTS_KEY, "state_dict"), None
+    saved = read_pt(path)
+    if not isinstance(saved, Mapping):
+        raise ValueError(f"{path} holds a {type(saved).__name__}, not a REPA checkpoint")
+    if all(isinstance(v, np.ndarray) for v in saved.values()):  # a bare state dict
+        return saved, {}, "state_dict", None
+    which = "ema" if use_ema else "model"
+    if which not in saved:
+        raise ValueError(f"{path} has no {which!r} state dict (it holds {sorted(saved)})")
+    args = saved.get("args") or {}
+    args = vars(args) if isinstance(args, types.SimpleNamespace) else dict(args)
+    return saved[which], args, which, saved.get("steps")
+
+
+def load_official(
+    path: str | Path, *, use_ema: bool = True, **args_overrides
+) -> tuple[REPAModel, OfficialInfo]:
+    """Our `REPAModel` from an official REPA checkpoint, and what the file said about it.
+
+    `path`: a `.pt` from the reference's train.py ({model, ema, opt, args, steps}), a bare
+    state dict (the released `last.pt`), or a `.safetensors` from `export_official`.
+    `use_ema` picks `ema` (what the reference samples with) or `model`; it does not apply to
+    files holding a single state dict. Keyword arguments override or supply `args` fields
+    (see `official_config`), e.g. `model="SiT-XL/2", encoder_depth=8,
+    projector_embed_dims="768"` for the released checkpoint, which has no `args`.
+    """
+    unknown = sorted(set(args_overrides) - _ARGS_FIELDS)
+    if unknown:
+        raise TypeError(f"unknown args fields {unknown}; known: {sorted(_ARGS_FIELDS)}")
+    path = Path(path)
+    tensors, args, weights, steps = _read_any(path, use_ema)
+    args = args | args_overrides
+    config, z_dims, projector_dim = official_config(args)
+    model, pos_diff = _from_state_dict(tensors, config, z_dims, projector_dim)
+    return model, OfficialInfo(args, weights, steps, pos_diff)
+
+
+def _check_describes(args: Mapping[str, Any], model: REPAModel) -> None:
+    """`args` must rebuild `model`'s architecture, or the file would be mislabelled."""
+    config, z_dims, projector_dim = official_config(args)
+    ours = model.sit.config
+    wrong = [
+        f"{f.name}: args give {getattr(config, f.name)}, the model has {getattr(ours, f.name)}"
+        for f in dataclasses.fields(SiTConfig)
+        if f.name != "class_dropout_prob" and getattr(config, f.name) != getattr(ours, f.name)
+    ]
+    our_z = tuple(p.fc3.weight.shape[0] for p in model.projectors)
+    if z_dims != our_z:
+        wrong.append(f"projector dims: args give {z_dims}, the model has {our_z}")
+    if model.projectors and projector_dim != model.projectors[0].fc1.weight.shape[0]:
+        wrong.append(
+            f"projector_dim: args give {projector_dim}, the model has "
+            f"{model.projectors[0].fc1.weight.shape[0]}"
+        )
+    if wrong:
+        raise ValueError("args do not describe the model: " + "; ".join(wrong))
+
+
+def export_official(
+    model: REPAModel,
+    path: str | Path,
+    *,
+    args: Mapping[str, Any],
+    ema: REPAModel | None = None,
+) -> list[Path]:
+    """Write `model` in the reference's layout; returns the files written.
+
+    `<path>.safetensors`: the weights the reference samples with (`ema` if given, else
+    `model`), for `model.load_state_dict(safetensors.torch.load_file(...))`; `args` goes in
+    its metadata so `load_official` reads it back. `<path>.pt`, only when torch is importable:
+    {"model", "ema", "args"} as train.py saves it (no optimizer state), `ema` defaulting to
+    `model` since generate.py loads `ema`. `args` are the reference's fields (see
+    `official_config`) and must describe the model. Note the reference's SiT-S forgets to
+    size its final layer to the model width (768): it cannot load an S export.
+    """
+    args = dict(args)
+    for each in (model, ema):
+        if each is not None:
+            _check_describes(args, each)
+    path = Path(path)
+    if path.suffix in (".pt", ".pth", ".safetensors"):
+        path = path.with_suffix("")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    weights = official_state_dict(model)
+    ema_weights = weights if ema is None else official_state_dict(ema)
+
+    st_path = path.with_name(path.name + ".safetensors")
+    meta = {
+        "format": "pt",
+        _ARGS_KEY: json.dumps(args),
+        _WEIGHTS_KEY: "model" if ema is None else "ema",
+    }
+    save_file({k: np.ascontiguousarray(v) for k, v in ema_weights.items()}, st_path, meta)
+    written = [st_path]
+    try:
+        import torch  # optional: only for the .pt
+    except ImportError:
+        return written
+
+    def to_torch(state: dict[str, np.ndarray]):
+        return collections.OrderedDict((k, torch.from_numpy(np.array(v))) for k, v in state.items())
+
+    pt_path = path.with_name(path.name + ".pt")
+    saved = {
+        "model": to_torch(weights),
+        "ema": to_torch(ema_weights),
+        "args": argparse.Namespace(**args),
+    }
+    torch.save(saved, pt_path)
+    return written + [pt_path]
