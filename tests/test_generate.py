@@ -197,3 +197,35 @@ def test_sample_command_errors_are_one_line(trained_run, args, message):
     assert result.exit_code == 1, result.output
     assert message in result.output and "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_sample_command_on_an_official_checkpoint_decodes_with_the_vae(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("torch")
+    from repa_eqx.model import REPAModel
+    from repa_eqx.official import export_official, official_config
+
+    blocks = dict(
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2
+    )
+    vae = diffusers.AutoencoderKL(
+        block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, **blocks
+    )
+    vae.save_pretrained(tmp_path / "vae")
+    args = dict(
+        model="SiT-S/2", depth=2, hidden_size=32, num_heads=2, resolution=64, num_classes=10,
+        encoder_depth=1, projector_dim=16, projector_embed_dims="24",
+    )  # fmt: skip
+    config, z_dims, projector_dim = official_config(args)
+    model = REPAModel(config, z_dims, projector_dim, key=jax.random.key(0))
+    files = export_official(model, tmp_path / "repa", args=args)
+    checkpoint = next(f for f in files if f.suffix == ".pt")
+    result = runner.invoke(
+        app,
+        ["sample", "--ckpt", str(checkpoint), "--vae", str(tmp_path / "vae"), "--num", "3",
+         "--steps", "2", "--cfg", "1.5", "--out", str(tmp_path / "s"), "--no-progress"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    with np.load(tmp_path / "s.npz") as npz:
+        # 8x8 latents, two VAE blocks: one 2x upsampling.
+        assert npz["arr_0"].shape == (3, 16, 16, 3) and npz["arr_0"].dtype == np.uint8

@@ -115,6 +115,13 @@ def sample(
             num, model.sit.config.num_classes, seed=seed, classes=wanted, balanced=class_balanced
         )
         decode = to_uint8_pixels
+        if model.latent:
+            import numpy as np
+
+            from repa_eqx.vae import latents_to_uint8, load_vae
+
+            autoencoder = load_vae(vae)
+            decode = lambda x: np.asarray(latents_to_uint8(autoencoder, x))
         name = f"{spec.name}-seed{seed}-n{num}"
         if out is not None:
             folder = out

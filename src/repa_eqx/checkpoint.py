@@ -28,9 +28,14 @@ def _is_key(x) -> bool:
     return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
+def _is_leaf(x) -> bool:
+    # Shape-only skeletons (`jax.eval_shape`) flatten like the arrays they stand for.
+    return eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
+
+
 def flatten(tree) -> dict[str, jax.Array]:
     """Array leaves by path; typed PRNG keys are stored as their raw uint32 data."""
-    leaves = jax.tree_util.tree_flatten_with_path(eqx.filter(tree, eqx.is_array))[0]
+    leaves = jax.tree_util.tree_flatten_with_path(eqx.filter(tree, _is_leaf))[0]
     return {
         _path_name(path): jax.random.key_data(leaf) if _is_key(leaf) else leaf
         for path, leaf in leaves
@@ -38,13 +43,16 @@ def flatten(tree) -> dict[str, jax.Array]:
 
 
 def _like_leaf(saved, like):
+    if isinstance(like, jax.ShapeDtypeStruct):
+        return jax.numpy.asarray(saved, like.dtype)
     if _is_key(like):
         return jax.random.wrap_key_data(np.asarray(saved), impl=jax.random.key_impl(like))
     return np.asarray(saved).astype(like.dtype)
 
 
 def unflatten(flat: dict[str, np.ndarray], like):
-    """Put `flat`'s arrays into the array leaves of `like`, checking names, shapes and dtypes."""
+    """Put `flat`'s arrays into the array leaves of `like` (arrays, or the shape-only leaves of
+    `jax.eval_shape`), checking names and shapes."""
     expected = {k: (v.shape, v.dtype) for k, v in flatten(like).items()}
     missing = sorted(set(expected) - set(flat))
     unexpected = sorted(set(flat) - set(expected))
@@ -62,7 +70,7 @@ def unflatten(flat: dict[str, np.ndarray], like):
                 )
                 problems.append(f"{label}: {shown}")
         raise CheckpointMismatch("checkpoint does not match the model: " + "; ".join(problems))
-    arrays, static = eqx.partition(like, eqx.is_array)
+    arrays, static = eqx.partition(like, _is_leaf)
     paths, treedef = jax.tree_util.tree_flatten_with_path(arrays)
     leaves = [_like_leaf(flat[_path_name(p)], leaf) for p, leaf in paths]
     return eqx.combine(jax.tree_util.tree_unflatten(treedef, leaves), static)

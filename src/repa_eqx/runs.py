@@ -3,6 +3,7 @@
 import dataclasses
 from pathlib import Path
 
+import equinox as eqx
 import jax
 import numpy as np
 
@@ -79,7 +80,8 @@ def load_run(path: str | Path, *, step: int | None = None, ema: bool = True) -> 
     if "label_table" not in weights:
         raise RunNotFound(f"{path}/checkpoints/{step} holds no {prefix[:-1]} weights")
     config = sit_config(recipe, num_classes=weights["label_table"].shape[0] - 1)
-    sit = unflatten(weights, SiT(config, key=jax.random.key(0)))
+    skeleton = eqx.filter_eval_shape(SiT, config, key=jax.random.key(0))
+    sit = unflatten(weights, skeleton)
     return SamplingModel(
         sit,
         path=recipe.loss.path,
