@@ -1,30 +1,60 @@
-"""Frozen target encoders for REPA, and their features precomputed once per dataset."""
+"""Frozen target encoders for REPA, and their features precomputed once per dataset.
 
+An encoder is any of the ported families (DINOv2, CLIP's vision tower, MAE), recognised by
+the `model_type` of its transformers `config.json`; each family has a loader and a pure,
+jitted `encode(model, uint8 images, resolution)` that preprocesses as the REPA reference.
+"""
+
+import dataclasses
 import hashlib
-from collections.abc import Sequence
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 import equinox as eqx
 import jax
 import numpy as np
 from jaxtyping import Array, Float, UInt8
 
+from . import clip, dinov2, mae
 from ._paths import cache_dir
 from .data import ImageDataset
-from .dinov2 import Dinov2, encode, load_dinov2
+from .hub import resolve_pretrained
 from .recipe import EncoderSpec, RecipeError
 
-_PATCH = 14
+
+@dataclasses.dataclass(frozen=True)
+class _Family:
+    config: Callable[[Path], Any]  # config.json -> a config with `patch_size`
+    load: Callable[..., eqx.Module]  # (folder, *, grid) -> model
+    encode: Callable[..., Array]  # (model, uint8 images, resolution) -> patch features
+
+
+_DINOV2 = _Family(dinov2.Dinov2Config.from_json, dinov2.load_dinov2, dinov2.encode)
+_CLIP = _Family(clip.ClipVisionConfig.from_json, clip.load_clip_vision, clip.encode)
+_MAE = _Family(mae.MaeConfig.from_json, mae.load_mae, mae.encode)
+_BY_MODEL_TYPE = {
+    "dinov2": _DINOV2,
+    "dinov2_with_registers": _DINOV2,
+    "clip": _CLIP,
+    "clip_vision_model": _CLIP,
+    "vit_mae": _MAE,
+}
+_BY_CLASS = {dinov2.Dinov2: _DINOV2, clip.ClipVision: _CLIP, mae.Mae: _MAE}
+
+Encoder = dinov2.Dinov2 | clip.ClipVision | mae.Mae
 
 
 class TargetEncoder(eqx.Module):
     """uint8 images -> the encoder's patch features on the SiT's token grid."""
 
-    model: Dinov2
+    model: Encoder
     resolution: int = eqx.field(static=True)
     name: str = eqx.field(static=True)
 
     def __call__(self, images: UInt8[Array, "batch c h w"]) -> Float[Array, "batch tokens dim"]:
-        return encode(self.model, images, self.resolution)
+        return _BY_CLASS[type(self.model)].encode(self.model, images, self.resolution)
 
     @property
     def dim(self) -> int:
@@ -32,15 +62,25 @@ class TargetEncoder(eqx.Module):
 
 
 def load_encoders(specs: Sequence[EncoderSpec], grid: int) -> tuple[TargetEncoder, ...]:
+    """One `TargetEncoder` per recipe entry, its position table resampled to `grid`."""
     encoders = []
     for i, spec in enumerate(specs):
-        if spec.resolution % _PATCH or spec.resolution // _PATCH != grid:
+        folder = resolve_pretrained(spec.id, revision=spec.revision)
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+        if model_type not in _BY_MODEL_TYPE:
+            raise RecipeError(
+                f"recipe key 'encoders[{i}].id': {spec.id!r} is a {model_type!r} model; "
+                f"target encoders are one of {', '.join(_BY_MODEL_TYPE)}"
+            )
+        family = _BY_MODEL_TYPE[model_type]
+        patch = family.config(folder / "config.json").patch_size
+        if spec.resolution % patch or spec.resolution // patch != grid:
             raise RecipeError(
                 f"recipe key 'encoders[{i}].resolution': {spec.resolution} px gives a "
-                f"{spec.resolution / _PATCH:g}x{spec.resolution / _PATCH:g} patch grid, but the "
-                f"SiT has {grid}x{grid} tokens (use {grid * _PATCH})"
+                f"{spec.resolution / patch:g}x{spec.resolution / patch:g} grid of {patch}-px "
+                f"patches, but the SiT has {grid}x{grid} tokens (use {grid * patch})"
             )
-        model = load_dinov2(spec.id, grid=grid, revision=spec.revision)
+        model = family.load(str(folder), grid=grid)
         encoders.append(TargetEncoder(model, spec.resolution, spec.id))
     return tuple(encoders)
 
