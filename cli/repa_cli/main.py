@@ -6,6 +6,7 @@ from typing import Annotated
 import typer
 
 from ._common import fail, user_errors
+from .convert import convert
 from .sample import sample
 
 app = typer.Typer(
@@ -52,6 +53,7 @@ def train(
 
 
 app.command()(sample)
+app.command()(convert)
 
 if __name__ == "__main__":
     app()

@@ -1,38 +1,56 @@
 """repa-eqx: REPA (representation alignment) for diffusion transformers in JAX/Equinox."""
 
 from ._convert import WeightsMismatch
+from .clip import ClipVision, ClipVisionConfig, load_clip_vision
+from .convert import convert, load_converted
 from .dinov2 import Dinov2, Dinov2Config, load_dinov2
 from .generate import SamplerSpec, generate
 from .interpolants import coefficients, interpolate, sample_t
 from .losses import denoising_loss, repa_loss, total_loss
+from .mae import Mae, MaeConfig, load_mae
 from .model import REPAModel
+from .official import export_official, load_official
 from .projector import Projector
 from .recipe import Recipe, RecipeError, load_recipe
 from .samplers import ode_sample, sde_sample
 from .sit import SiT, SiTConfig
 from .train import train
+from .vae import AutoencoderKL, VAEConfig, load_vae
 
 __all__ = [
+    "AutoencoderKL",
+    "ClipVision",
+    "ClipVisionConfig",
     "Dinov2",
     "Dinov2Config",
+    "Mae",
+    "MaeConfig",
     "Projector",
-    "REPAModel",
     "Recipe",
     "RecipeError",
+    "REPAModel",
+    "SamplerSpec",
     "SiT",
     "SiTConfig",
+    "VAEConfig",
+    "WeightsMismatch",
     "coefficients",
+    "convert",
     "denoising_loss",
+    "export_official",
     "generate",
-    "ode_sample",
-    "sde_sample",
-    "SamplerSpec",
     "interpolate",
+    "load_clip_vision",
+    "load_converted",
     "load_dinov2",
+    "load_mae",
+    "load_official",
     "load_recipe",
+    "load_vae",
+    "ode_sample",
     "repa_loss",
     "sample_t",
+    "sde_sample",
     "total_loss",
     "train",
-    "WeightsMismatch",
 ]

