@@ -200,7 +200,9 @@ def generate(
                 Image.fromarray(image).save(folder / f"{i:06d}.png")
         n_grid = min(num, 64)
         nrow = 8 if n_grid >= 8 else n_grid
-        save_grid(images[:n_grid].transpose(0, 3, 1, 2), folder / "grid.png", nrow=nrow)
+        scale = max(1, 64 // images.shape[1])  # small images: enlarged, pixels kept sharp
+        grid = images[:n_grid].transpose(0, 3, 1, 2)
+        save_grid(grid, folder / "grid.png", nrow=nrow, scale=scale)
         npz = folder.with_name(folder.name + ".npz")
         np.savez(npz, arr_0=images, labels=np.asarray(labels))
     return Samples(images, np.asarray(labels), npz, folder)
