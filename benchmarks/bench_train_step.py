@@ -96,7 +96,9 @@ def model_flops(config: SiTConfig, step_cfg: StepConfig, batch: dict) -> float:
 
     def flops(depth: int) -> float:
         variant = dataclasses.replace(config, depth=depth, encoder_depth=1)
-        return lower_step(variant, step_cfg, batch)[2].cost_analysis()["flops"]
+        lowered = lower_step(variant, step_cfg, batch)[2]
+        # Some backends (GPU) only analyse compiled programs: hardware FLOPs, close enough here.
+        return (lowered.cost_analysis() or lowered.compile().cost_analysis())["flops"]
 
     one, two = flops(1), flops(2)
     return one + (config.depth - 1) * (two - one)

@@ -7,6 +7,7 @@ import typer
 
 from ._common import fail, user_errors
 from .convert import convert
+from .push import push_to_hub
 from .sample import sample
 
 app = typer.Typer(
@@ -19,7 +20,8 @@ app = typer.Typer(
 
 @app.callback()
 def main() -> None:
-    """Train SiT with REPA (`repa train --help`), then sample from it (`repa sample --help`)."""
+    """Train SiT with REPA (`repa train`), sample from it (`repa sample`), publish it
+    (`repa push-to-hub`); convert pretrained weights (`repa convert`)."""
 
 
 @app.command()
@@ -54,6 +56,7 @@ def train(
 
 app.command()(sample)
 app.command()(convert)
+app.command("push-to-hub")(push_to_hub)
 
 if __name__ == "__main__":
     app()

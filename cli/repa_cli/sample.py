@@ -45,7 +45,11 @@ def sample(
     ] = None,
     from_hub: Annotated[
         str | None,
-        typer.Option("--from-hub", help="A Hub repository holding an official REPA .pt file"),
+        typer.Option(
+            "--from-hub",
+            help="A Hub repository: a model published with `repa push-to-hub`, or one holding "
+            "an official REPA .pt file",
+        ),
     ] = None,
     revision: Annotated[str | None, typer.Option(help="Hub revision for --from-hub")] = None,
     official_arg: Annotated[
@@ -58,7 +62,7 @@ def sample(
     ] = None,
     mode: Annotated[str, typer.Option(help="ode or sde")] = "ode",
     steps: Annotated[
-        int | None, typer.Option(help="Sampling steps [default: 50 for ode, 250 for sde]")
+        int | None, typer.Option(help="Sampling steps (default: 50 for ode, 250 for sde)")
     ] = None,
     solver: Annotated[str, typer.Option(help="ODE solver: euler or heun")] = "euler",
     cfg: Annotated[float, typer.Option(help="Classifier-free guidance scale (1: none)")] = 1.0,
@@ -76,7 +80,7 @@ def sample(
     batch: Annotated[int, typer.Option(help="Images per batch, over all devices")] = 64,
     out: Annotated[
         Path | None,
-        typer.Option(help="Output folder [default: RUN/samples/<settings>]; the .npz goes beside"),
+        typer.Option(help="Output folder (default: RUN/samples/SETTINGS); the .npz goes beside"),
     ] = None,
     vae: Annotated[
         str, typer.Option(help="SD-VAE that decodes latent-space models")
@@ -99,10 +103,15 @@ def sample(
     try:
         official = _key_values(official_arg)
         if from_hub is not None:
-            source = download_official(from_hub, revision=revision)
+            from repa_eqx.export import NotAnExport, from_pretrained
+
+            try:
+                model = from_pretrained(from_hub, revision=revision)
+            except NotAnExport:
+                source = download_official(from_hub, revision=revision)
+                model = load_for_sampling(source, official_args=official)
         else:
-            source = ckpt or latest_run(runs_dir)
-        model = load_for_sampling(source, official_args=official)
+            model = load_for_sampling(ckpt or latest_run(runs_dir), official_args=official)
         spec = SamplerSpec(
             mode,
             steps or (250 if mode == "sde" else 50),
@@ -125,6 +134,8 @@ def sample(
         name = f"{spec.name}-seed{seed}-n{num}"
         if out is not None:
             folder = out
+        elif from_hub is not None:  # not inside the Hub cache
+            folder = Path("samples") / f"{from_hub.replace('/', '--')}-{name}"
         elif model.source.is_file():  # an official checkpoint: beside the working directory
             folder = Path("samples") / f"{model.source.stem}-{name}"
         else:

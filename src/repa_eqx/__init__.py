@@ -4,10 +4,13 @@ from ._convert import WeightsMismatch
 from .clip import ClipVision, ClipVisionConfig, load_clip_vision
 from .convert import convert, load_converted
 from .dinov2 import Dinov2, Dinov2Config, load_dinov2
+from .export import export_run, from_pretrained
 from .generate import SamplerSpec, generate
+from .inception import InceptionV3, load_inception
 from .interpolants import coefficients, interpolate, sample_t
 from .losses import denoising_loss, repa_loss, total_loss
 from .mae import Mae, MaeConfig, load_mae
+from .metrics import Statistics, compute_metrics, frechet_distance
 from .model import REPAModel
 from .official import export_official, load_official
 from .projector import Projector
@@ -23,6 +26,7 @@ __all__ = [
     "ClipVisionConfig",
     "Dinov2",
     "Dinov2Config",
+    "InceptionV3",
     "Mae",
     "MaeConfig",
     "Projector",
@@ -32,17 +36,23 @@ __all__ = [
     "SamplerSpec",
     "SiT",
     "SiTConfig",
+    "Statistics",
     "VAEConfig",
     "WeightsMismatch",
     "coefficients",
+    "compute_metrics",
     "convert",
     "denoising_loss",
     "export_official",
+    "export_run",
+    "frechet_distance",
+    "from_pretrained",
     "generate",
     "interpolate",
     "load_clip_vision",
     "load_converted",
     "load_dinov2",
+    "load_inception",
     "load_mae",
     "load_official",
     "load_recipe",

@@ -91,6 +91,8 @@ class TrainSpec:
 class OutputSpec:
     dir: str = "runs/default"
     tensorboard: bool = False
+    # Hub repository OWNER/NAME that a bare `repa push-to-hub` publishes this run to.
+    hub_repo: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,369 @@
+"""The FID InceptionV3 against an independent PyTorch build of pytorch-fid's network.
+
+pytorch-fid's `InceptionV3` subclasses torchvision's blocks, but PyPI's torchvision wheels
+are built for CUDA torch and fail to import beside torch 2.13.0+cpu (`operator
+torchvision::nms does not exist`); torch's own CPU index cannot be reached here. So the
+reference below is written from pytorch-fid 0.3.0's `fid_inception_v3()` (torchvision's
+Inception3 with FIDInceptionA/C/E_1/E_2 swapped in, `num_classes=1008`, no aux logits) and
+its forward (bilinear resize to 299 without align_corners, then 2x - 1), under the same
+state-dict names, and given random weights and batch-norm statistics.
+"""
+
+import hashlib
+import pickle
+from collections import Counter
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from repa_eqx import WeightsMismatch
+from repa_eqx import inception as inc
+from repa_eqx.inception import (
+    InceptionWeightsNotFound,
+    inception_features,
+    load_inception,
+    preprocess,
+)
+from repa_eqx.official import UnsafeCheckpoint
+
+
+@pytest.fixture(autouse=True)
+def strict_promotion():
+    with jax.numpy_dtype_promotion("strict"), jax.numpy_rank_promotion("raise"):
+        yield
+
+
+# ------------------------------------------------------------- the PyTorch reference
+
+
+class BasicConv2d(nn.Module):
+    def __init__(self, cin, cout, kernel, stride=1, padding=0):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, bias=False)
+        self.bn = nn.BatchNorm2d(cout, eps=0.001)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+def _tf_avg_pool(x):
+    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+
+
+class FIDInceptionA(nn.Module):
+    def __init__(self, cin, pool_features):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(cin, 64, 1)
+        self.branch5x5_1 = BasicConv2d(cin, 48, 1)
+        self.branch5x5_2 = BasicConv2d(48, 64, 5, padding=2)
+        self.branch3x3dbl_1 = BasicConv2d(cin, 64, 1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, padding=1)
+        self.branch_pool = BasicConv2d(cin, pool_features, 1)
+
+    def forward(self, x):
+        five = self.branch5x5_2(self.branch5x5_1(x))
+        dbl = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        return torch.cat([self.branch1x1(x), five, dbl, self.branch_pool(_tf_avg_pool(x))], 1)
+
+
+class InceptionB(nn.Module):
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3 = BasicConv2d(cin, 384, 3, stride=2)
+        self.branch3x3dbl_1 = BasicConv2d(cin, 64, 1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, stride=2)
+
+    def forward(self, x):
+        dbl = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        return torch.cat([self.branch3x3(x), dbl, F.max_pool2d(x, 3, stride=2)], 1)
+
+
+class FIDInceptionC(nn.Module):
+    def __init__(self, cin, c7):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(cin, 192, 1)
+        self.branch7x7_1 = BasicConv2d(cin, c7, 1)
+        self.branch7x7_2 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7_3 = BasicConv2d(c7, 192, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_1 = BasicConv2d(cin, c7, 1)
+        self.branch7x7dbl_2 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_3 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7dbl_4 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_5 = BasicConv2d(c7, 192, (1, 7), padding=(0, 3))
+        self.branch_pool = BasicConv2d(cin, 192, 1)
+
+    def forward(self, x):
+        seven = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        dbl = x
+        for i in range(1, 6):
+            dbl = getattr(self, f"branch7x7dbl_{i}")(dbl)
+        return torch.cat([self.branch1x1(x), seven, dbl, self.branch_pool(_tf_avg_pool(x))], 1)
+
+
+class InceptionD(nn.Module):
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3_1 = BasicConv2d(cin, 192, 1)
+        self.branch3x3_2 = BasicConv2d(192, 320, 3, stride=2)
+        self.branch7x7x3_1 = BasicConv2d(cin, 192, 1)
+        self.branch7x7x3_2 = BasicConv2d(192, 192, (1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = BasicConv2d(192, 192, (7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = BasicConv2d(192, 192, 3, stride=2)
+
+    def forward(self, x):
+        three = self.branch3x3_2(self.branch3x3_1(x))
+        seven = x
+        for i in range(1, 5):
+            seven = getattr(self, f"branch7x7x3_{i}")(seven)
+        return torch.cat([three, seven, F.max_pool2d(x, 3, stride=2)], 1)
+
+
+class FIDInceptionE(nn.Module):
+    """E_1 average-pools its pool branch (padding not counted), E_2 max-pools it."""
+
+    def __init__(self, cin, max_pool):
+        super().__init__()
+        self.max_pool = max_pool
+        self.branch1x1 = BasicConv2d(cin, 320, 1)
+        self.branch3x3_1 = BasicConv2d(cin, 384, 1)
+        self.branch3x3_2a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3_2b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
+        self.branch3x3dbl_1 = BasicConv2d(cin, 448, 1)
+        self.branch3x3dbl_2 = BasicConv2d(448, 384, 3, padding=1)
+        self.branch3x3dbl_3a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3dbl_3b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
+        self.branch_pool = BasicConv2d(cin, 192, 1)
+
+    def forward(self, x):
+        a = self.branch3x3_1(x)
+        b = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        pooled = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else _tf_avg_pool(x)
+        parts = [
+            self.branch1x1(x),
+            self.branch3x3_2a(a),
+            self.branch3x3_2b(a),
+            self.branch3x3dbl_3a(b),
+            self.branch3x3dbl_3b(b),
+            self.branch_pool(pooled),
+        ]
+        return torch.cat(parts, 1)
+
+
+class FIDInception(nn.Module):
+    """pytorch-fid's network; forward returns (pool 2048, fc logits 1008)."""
+
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2)
+        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, 3)
+        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, 3, padding=1)
+        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, 1)
+        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, 3)
+        self.Mixed_5b = FIDInceptionA(192, 32)
+        self.Mixed_5c = FIDInceptionA(256, 64)
+        self.Mixed_5d = FIDInceptionA(288, 64)
+        self.Mixed_6a = InceptionB(288)
+        self.Mixed_6b = FIDInceptionC(768, 128)
+        self.Mixed_6c = FIDInceptionC(768, 160)
+        self.Mixed_6d = FIDInceptionC(768, 160)
+        self.Mixed_6e = FIDInceptionC(768, 192)
+        self.Mixed_7a = InceptionD(768)
+        self.Mixed_7b = FIDInceptionE(1280, max_pool=False)
+        self.Mixed_7c = FIDInceptionE(2048, max_pool=True)
+        self.fc = nn.Linear(2048, 1008)
+
+    def forward(self, images01):
+        x = F.interpolate(images01, size=(299, 299), mode="bilinear", align_corners=False)
+        x = 2 * x - 1
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
+        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(F.max_pool2d(x, 3, stride=2)))
+        x = F.max_pool2d(x, 3, stride=2)
+        for name in ("5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e", "7a", "7b", "7c"):
+            x = getattr(self, f"Mixed_{name}")(x)
+        pool = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return pool, self.fc(pool)
+
+
+def _randomised(model: FIDInception, images01: torch.Tensor) -> FIDInception:
+    """Random weights with batch-norm statistics that keep activations near unit scale.
+
+    One training-mode pass with momentum None sets each running mean / variance to the
+    batch's own; then every BN affine and statistic is perturbed, so no fold is trivial.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None
+    model.train()
+    with torch.no_grad():
+        model(images01)
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.2)
+                m.running_mean.add_(0.05 * torch.randn(n))
+                m.running_var.mul_(torch.empty(n).uniform_(0.8, 1.25))
+    return model.eval()
+
+
+def _images(n: int, size: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def _to_torch01(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """(torch model, its weights file, test images, torch outputs pool / spatial / logits)."""
+    images = _images(2, 64, seed=1)
+    torch.manual_seed(0)
+    model = _randomised(FIDInception(), _to_torch01(_images(4, 64, seed=2)))
+    captured = {}
+    hook = model.Mixed_6d.branch1x1.register_forward_hook(
+        lambda _m, _i, out: captured.update(spatial=out)
+    )
+    with torch.no_grad():
+        pool, _ = model(_to_torch01(images))
+        logits = F.linear(pool, model.fc.weight)  # ADM's Inception Score logits: no bias
+    hook.remove()
+    spatial = captured["spatial"][:, :7].permute(0, 2, 3, 1).reshape(2, -1)  # TF's NHWC
+    path = tmp_path_factory.mktemp("inception") / inc.FILENAME
+    torch.save(model.state_dict(), path)
+    outputs = {"pool": pool.numpy(), "spatial": spatial.numpy(), "logits": logits.numpy()}
+    return model, path, images, outputs
+
+
+def _relative_error(ours: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+def test_parity_with_pytorch_fid_network(reference):
+    _, path, images, expected = reference
+    model = load_inception(path)
+    out = inception_features(model, images, batch_size=2, resize="pytorch-fid", progress=False)
+    assert out.pool.shape == (2, 2048)
+    assert out.spatial.shape == (2, 7 * 17 * 17)
+    assert out.logits.shape == (2, 1008)
+    for name, ref in expected.items():
+        assert np.abs(ref).max() > 0.1, f"degenerate reference {name}"
+        assert _relative_error(getattr(out, name), ref) <= 1e-3, name
+
+
+def test_legacy_format_reads_the_same(reference, tmp_path):
+    model, path, _, _ = reference
+    legacy = tmp_path / "legacy.pth"
+    torch.save(model.state_dict(), legacy, _use_new_zipfile_serialization=False)
+    ours = inc._read_state_dict(legacy)
+    zipped = inc._read_state_dict(path)
+    assert ours.keys() == zipped.keys()
+    for name in ours:
+        np.testing.assert_array_equal(ours[name], zipped[name])
+
+
+def test_legacy_format_refuses_other_files(tmp_path):
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"\x00not a checkpoint")
+    with pytest.raises(ValueError, match="neither a zip nor a legacy"):
+        inc._read_state_dict(junk)
+    # A legacy header, then a pickle that asks for a global outside the allow-list.
+    hostile = tmp_path / "hostile.pth"
+    header = [inc._LEGACY_MAGIC, inc._LEGACY_PROTOCOL, {"little_endian": True}]
+    hostile.write_bytes(b"".join(pickle.dumps(x, 2) for x in [*header, Counter(a=1)]))
+    with pytest.raises(UnsafeCheckpoint, match="collections.Counter"):
+        inc._read_state_dict(hostile)
+
+
+def test_mismatched_weights_are_listed(reference, tmp_path):
+    model, _, _, _ = reference
+    state = {k: v.numpy() for k, v in model.state_dict().items()}
+    del state["Mixed_6d.branch1x1.bn.running_var"]
+    state["Mixed_6d.branch1x1.extra"] = np.zeros(3, np.float32)
+    state["Conv2d_1a_3x3.conv.weight"] = np.zeros((32, 3, 5, 5), np.float32)
+    with pytest.raises(WeightsMismatch) as error:
+        inc.from_state_dict(state)
+    message = str(error.value)
+    assert "\n" not in message
+    assert "missing: Mixed_6d.branch1x1.bn.running_var" in message
+    assert "unexpected: Mixed_6d.branch1x1.extra" in message
+    assert "wrong shape: Conv2d_1a_3x3.conv.weight (32, 3, 5, 5)" in message
+
+
+@pytest.mark.parametrize("size", [(64, 64), (512, 384), (299, 299)])  # up, down, identity
+def test_pytorch_fid_resize(size):
+    image = np.random.default_rng(3).integers(0, 256, (*size, 3), dtype=np.uint8)
+    ref = F.interpolate(_to_torch01(image[None]), size=(299, 299), mode="bilinear")
+    ref = 2 * ref[0] - 1
+    ours = np.asarray(preprocess(jnp.asarray(image), "pytorch-fid")).transpose(2, 0, 1)
+    np.testing.assert_allclose(ours, ref.numpy(), rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("size", [(64, 64), (256, 256), (512, 384)])
+def test_tensorflow_resize(size):
+    """Against NVlabs' emulation of TF1's `resize_bilinear` (stylegan2-ada-pytorch's
+    inception-2015-12-05.pt): grid_sample on a grid shifted by half an input pixel."""
+    image = np.random.default_rng(4).integers(0, 256, (*size, 3), dtype=np.uint8)
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].double()
+    height, width = size
+    theta = torch.eye(2, 3, dtype=torch.float64)[None]
+    theta[0, 0, 2] += 1 / width - 1 / 299
+    theta[0, 1, 2] += 1 / height - 1 / 299
+    grid = F.affine_grid(theta, [1, 3, 299, 299], align_corners=False)
+    ref = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    ref = (ref[0] - 128) / 128
+    ours = np.asarray(preprocess(jnp.asarray(image), "tensorflow")).transpose(2, 0, 1)
+    # The reference is float64; our sampling positions are float32 as TF's (i * scale):
+    # up to 4e-5 pixel apart, so up to 255 * 4e-5 / 128 on the output scale.
+    np.testing.assert_allclose(ours, ref.numpy(), rtol=0, atol=1e-4)
+
+
+def _serve(monkeypatch, tmp_path, payload: bytes, sha256_prefix: str):
+    """Point the download at a local file and the cache at `tmp_path/cache`."""
+    source = tmp_path / "served.pth"
+    source.write_bytes(payload)
+    monkeypatch.setattr(inc, "URL", source.as_uri())
+    monkeypatch.setattr(inc, "SHA256_PREFIX", sha256_prefix)
+    monkeypatch.setenv("REPA_EQX_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "inception" / inc.FILENAME
+
+
+def test_download_into_cache(reference, monkeypatch, tmp_path):
+    _, path, _, _ = reference
+    payload = path.read_bytes()
+    cached = _serve(monkeypatch, tmp_path, payload, hashlib.sha256(payload).hexdigest()[:8])
+    model = load_inception()
+    assert cached.read_bytes() == payload
+    assert list(cached.parent.iterdir()) == [cached]  # no partial file left
+    np.testing.assert_array_equal(
+        np.asarray(model.fc_weight), np.asarray(load_inception(path).fc_weight)
+    )
+    # Once cached, no download is needed.
+    monkeypatch.setattr(inc, "URL", "file:///nonexistent/" + inc.FILENAME)
+    load_inception(download=False)
+
+
+def test_download_with_wrong_hash_is_refused(monkeypatch, tmp_path):
+    cached = _serve(monkeypatch, tmp_path, b"not the weights", "00000000")
+    with pytest.raises(InceptionWeightsNotFound, match="expected 00000000"):
+        load_inception()
+    assert not cached.exists() and not list(cached.parent.iterdir())
+
+
+def test_offline_without_weights(monkeypatch, tmp_path):
+    cached = _serve(monkeypatch, tmp_path, b"", "00000000")
+    monkeypatch.setattr(inc, "URL", (tmp_path / "absent.pth").as_uri())
+    for download in (True, False):
+        with pytest.raises(InceptionWeightsNotFound) as error:
+            load_inception(download=download)
+        message = str(error.value)
+        assert "\n" not in message
+        assert f"put {inc.FILENAME} (from {inc.URL}) at {cached}" in message
