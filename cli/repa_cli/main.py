@@ -7,6 +7,7 @@ import typer
 
 from ._common import fail, user_errors
 from .convert import convert
+from .evaluate import evaluate, fid, reference
 from .push import push_to_hub
 from .sample import sample
 
@@ -57,6 +58,9 @@ def train(
 app.command()(sample)
 app.command()(convert)
 app.command("push-to-hub")(push_to_hub)
+app.command()(fid)
+app.command("eval")(evaluate)
+app.command()(reference)
 
 if __name__ == "__main__":
     app()
