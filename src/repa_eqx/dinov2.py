@@ -3,7 +3,8 @@ transformers checkpoints on the Hub (facebook/dinov2-{small,base,large,giant}[-w
 
 `load_dinov2` reads the Hub file layout into a shape-only skeleton (the converter
 pattern of esm2quinox), resampling the position table once to the patch grid the
-caller will use. `Dinov2` maps one image to its patch tokens after the final LayerNorm.
+caller will use. `Dinov2` maps one image to its patch tokens after the final LayerNorm
+(`Dinov2.tokens`: with the CLS and register tokens); `cls_features` gives FD-DINOv2's.
 """
 
 import dataclasses
@@ -221,6 +222,10 @@ class Dinov2(eqx.Module):
         return math.isqrt(self.pos_embed.shape[0] - 1)
 
     def __call__(self, image: Float[Array, "3 H W"]) -> Float[Array, "patches dim"]:
+        return self.tokens(image)[1 + self.register_tokens.shape[0] :]
+
+    def tokens(self, image: Float[Array, "3 H W"]) -> Float[Array, "tokens dim"]:
+        """Every token after the final LayerNorm: CLS, then the registers, then the patches."""
         _, height, width = image.shape
         p = self.patch_embed.patch_size
         if (height // p, width // p) != (self.grid, self.grid):
@@ -239,13 +244,19 @@ class Dinov2(eqx.Module):
             return eqx.combine(dynamic_layer, static_layer)(x), None
 
         x, _ = jax.lax.scan(block, x, dynamic_layers)
-        x = jax.vmap(self.norm)(x)
-        return x[1 + self.register_tokens.shape[0] :]
+        return jax.vmap(self.norm)(x)
 
 
-def preprocess(image: UInt8[Array, "C H W"], resolution: int) -> Float[Array, "3 R R"]:
-    """REPA's DINOv2 input: /255, ImageNet normalisation, *then* bicubic resize (no
-    antialias) to `resolution` x `resolution`. Grey images are repeated to 3 channels."""
+def preprocess(
+    image: UInt8[Array, "C H W"], resolution: int, *, antialias: bool = False
+) -> Float[Array, "3 R R"]:
+    """REPA's DINOv2 input: /255, ImageNet normalisation, *then* bicubic resize to
+    `resolution` x `resolution`, without antialias unless asked. Grey images are repeated
+    to 3 channels.
+
+    EDM2's FD-DINOv2 input resizes first, with antialias: both steps are linear and each
+    row of resize weights sums to one, so the order is immaterial and `antialias=True`
+    gives it."""
     if image.shape[0] == 1:
         image = jnp.repeat(image, 3, axis=0)
     if image.shape[0] != 3:
@@ -253,7 +264,7 @@ def preprocess(image: UInt8[Array, "C H W"], resolution: int) -> Float[Array, "3
     mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)[:, None, None]
     std = jnp.asarray(IMAGENET_STD, jnp.float32)[:, None, None]
     x = (image.astype(jnp.float32) / 255 - mean) / std
-    return resize_bicubic(x, (resolution, resolution), antialias=False)
+    return resize_bicubic(x, (resolution, resolution), antialias=antialias)
 
 
 @eqx.filter_jit
@@ -262,6 +273,50 @@ def encode(
 ) -> Float[Array, "batch patches dim"]:
     """DINOv2 patch features of a batch of uint8 images, preprocessed as REPA does."""
     return jax.vmap(lambda image: model(preprocess(image, resolution)))(images)
+
+
+@eqx.filter_jit
+def _cls_batch(
+    model: Dinov2, images: UInt8[Array, "batch C H W"], resolution: int, antialias: bool
+) -> Float[Array, "batch dim"]:
+    def cls(image):
+        return model.tokens(preprocess(image, resolution, antialias=antialias))[0]
+
+    return jax.vmap(cls)(images)
+
+
+def cls_features(
+    model: Dinov2,
+    images: UInt8[np.ndarray, "N C H W"],
+    resolution: int = 224,
+    *,
+    batch_size: int = 64,
+    antialias: bool = True,
+    progress: bool = True,
+) -> Float[np.ndarray, "N dim"]:
+    """The CLS token after the final LayerNorm, the features of FD-DINOv2, for uint8 NCHW
+    images (grey ones repeated to 3 channels), batch by batch. The default input is EDM2's:
+    a bicubic resize with antialias to `resolution`, then ImageNet normalisation."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    images = np.asarray(images)
+    if images.ndim != 4 or images.dtype != np.uint8:
+        raise ValueError(f"expected uint8 NCHW images, got {images.dtype} {images.shape}")
+    num = len(images)
+    if num == 0:
+        raise ValueError("no images")
+    batch_size = min(batch_size, num)
+    parts = []
+    columns = [TextColumn("[bold]dinov2 cls"), BarColumn(bar_width=20), MofNCompleteColumn()]
+    with Progress(*columns, disable=not progress) as bar:
+        task = bar.add_task("dinov2", total=num)
+        for lo in range(0, num, batch_size):
+            # The last batch is padded to the full size: one compiled shape for all batches.
+            idx = np.minimum(np.arange(lo, lo + batch_size), num - 1)
+            out = _cls_batch(model, jnp.asarray(images[idx]), resolution, antialias)
+            parts.append(np.asarray(out)[: num - lo])
+            bar.update(task, completed=min(lo + batch_size, num))
+    return np.concatenate(parts)
 
 
 def resample_pos_embed(

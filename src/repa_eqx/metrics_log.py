@@ -62,3 +62,37 @@ def plot_metrics(metrics_path: str | Path, png_path: str | Path) -> Path:
     fig.savefig(png_path, dpi=110)
     plt.close(fig)
     return png_path
+
+
+EVAL_TITLES = {
+    "fd_mnist": "FD, MNIST-classifier features (lower is better)",
+    "fd_dinov2": "FD-DINOv2 (lower is better)",
+    "class_accuracy": "samples read as their class",
+    "cknna": "CKNNA, SiT vs target encoder",
+    "linear_probe": "linear probe top-1, SiT features",
+}
+
+
+def plot_eval(metrics_path: str | Path, png_path: str | Path) -> Path | None:
+    """The in-training evaluation metrics against step, one panel each, beside the losses."""
+    records = read_metrics(metrics_path)
+    panels = [k for k in ("loss", "repa_loss", *EVAL_TITLES) if any(k in r for r in records)]
+    if not any(k in EVAL_TITLES for k in panels):
+        return None
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.axis("off")
+    for ax, key in zip(axes.flat, panels, strict=False):
+        pts = [(r["step"], r[key]) for r in records if key in r and math.isfinite(r[key])]
+        marker = "o" if key in EVAL_TITLES else None
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.2, marker=marker, ms=4)
+        ax.set_title(EVAL_TITLES.get(key, key), fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    png_path = Path(png_path)
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return png_path

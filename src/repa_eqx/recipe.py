@@ -87,6 +87,29 @@ class TrainSpec:
     num_samples: int = 64
 
 
+EvalMetric = Literal["fd_mnist", "class_accuracy", "fd_dinov2", "cknna", "linear_probe"]
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSpec:
+    # Every `every` steps (0: never) the EMA model is evaluated; results go to metrics.jsonl
+    # and eval.png. fd_mnist / class_accuracy: class-balanced samples scored by a small MNIST
+    # classifier trained once (mnist-5k only); fd_dinov2: Frechet distance of the samples'
+    # DINOv2 CLS features to the real images'; cknna / linear_probe: the SiT's hidden state
+    # after block `layer` on real images noised to `t`, against the first target encoder's
+    # features (CKNNA) and as features for a linear classifier (top-1 on a held-out fifth).
+    every: int = 0
+    metrics: tuple[EvalMetric, ...] = ("fd_dinov2", "cknna", "linear_probe")
+    num_samples: int = 1000
+    sample_steps: int = 50
+    cfg_scale: float = 1.0
+    num_real: int = 2000
+    fd_dinov2_id: str = "facebook/dinov2-large"
+    fd_dinov2_resolution: int = 224
+    layer: int | None = None  # default: model.encoder_depth, where REPA aligns
+    t: float = 0.5
+
+
 @dataclasses.dataclass(frozen=True)
 class OutputSpec:
     dir: str = "runs/default"
@@ -103,6 +126,7 @@ class Recipe:
     optim: OptimSpec = OptimSpec()
     data: DataSpec = DataSpec()
     train: TrainSpec = TrainSpec()
+    eval: EvalSpec = EvalSpec()
     output: OutputSpec = OutputSpec()
 
 
@@ -181,6 +205,10 @@ def _check(recipe: Recipe) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise RecipeError(f"recipe key '{key}' must be positive, got {value}")
+    if recipe.eval.every < 0 or recipe.eval.num_samples <= 0 or recipe.eval.num_real < 10:
+        raise RecipeError("recipe section 'eval': every >= 0, num_samples > 0, num_real >= 10")
+    if not 0 <= recipe.eval.t <= 1:
+        raise RecipeError("recipe key 'eval.t' must be in [0, 1]")
     if not 0 <= recipe.model.class_dropout_prob < 1:
         raise RecipeError("recipe key 'model.class_dropout_prob' must be in [0, 1)")
     if not 0 <= recipe.optim.ema_decay <= 1:

@@ -24,7 +24,7 @@ from .encoders import TargetEncoder, load_encoders, precompute_features
 from .generate import SamplerSpec, example_inputs, sample_jit
 from .images import save_grid
 from .losses import denoising_loss, repa_loss, total_loss
-from .metrics_log import MetricsLog, plot_metrics
+from .metrics_log import MetricsLog, plot_eval, plot_metrics
 from .model import REPAModel
 from .recipe import Recipe, RecipeError, dump_recipe, load_recipe, recipe_to_dict
 from .sit import SiTConfig
@@ -227,6 +227,8 @@ def _check_saved_recipe(run_dir: Path, recipe: Recipe) -> None:
         "train.keep_checkpoints",
         "train.num_samples",
         "train.sample_steps",
+        "train.sample_cfg",
+        "eval.",
         "output.",
     )
     changed = sorted(
@@ -272,6 +274,19 @@ def train(
     features = None
     if encoders and recipe.data.precompute_features:
         features = precompute_features(encoders, dataset, progress=progress, console=console)
+
+    monitor = None
+    if recipe.eval.every:
+        from .monitor import Monitor
+
+        console.print("evaluation: preparing the reference features")
+        monitor = Monitor(
+            recipe,
+            dataset,
+            target_features=features[0] if features else None,
+            encoder=encoders[0] if encoders else None,
+            progress=progress,
+        )
 
     optimizer = make_optimizer(recipe)
     state = init_state(
@@ -393,6 +408,14 @@ def train(
                 if done % recipe.train.sample_every == 0 or done == total:
                     draw(done, state_arrays)
                     plot_metrics(metrics_log.path, run_dir / "loss.png")
+                if monitor and (done % recipe.eval.every == 0 or done == total):
+                    ema = eqx.combine(state_arrays, static_state).ema
+                    scores = monitor(ema.sit, done)
+                    metrics_log.write(done, scores)
+                    plot_eval(metrics_log.path, run_dir / "eval.png")
+                    bar.console.print(
+                        f"eval @ {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items())
+                    )
     except KeyboardInterrupt:
         # Keep the work done so far; --resume continues from here.
         if completed > start:
