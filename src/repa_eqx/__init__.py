@@ -1,10 +1,13 @@
 """repa-eqx: REPA (representation alignment) for diffusion transformers in JAX/Equinox."""
 
 from ._convert import WeightsMismatch
+from .alignment import cknna, linear_probe, sit_features
 from .clip import ClipVision, ClipVisionConfig, load_clip_vision
 from .convert import convert, load_converted
 from .dinov2 import Dinov2, Dinov2Config, load_dinov2
+from .evaluate import build_reference, evaluate
 from .export import export_run, from_pretrained
+from .fd_dinov2 import fd_dinov2
 from .generate import SamplerSpec, generate
 from .inception import InceptionV3, load_inception
 from .interpolants import coefficients, interpolate, sample_t
@@ -39,16 +42,21 @@ __all__ = [
     "Statistics",
     "VAEConfig",
     "WeightsMismatch",
+    "build_reference",
+    "cknna",
     "coefficients",
     "compute_metrics",
     "convert",
     "denoising_loss",
+    "evaluate",
     "export_official",
     "export_run",
+    "fd_dinov2",
     "frechet_distance",
     "from_pretrained",
     "generate",
     "interpolate",
+    "linear_probe",
     "load_clip_vision",
     "load_converted",
     "load_dinov2",
@@ -61,6 +69,7 @@ __all__ = [
     "repa_loss",
     "sample_t",
     "sde_sample",
+    "sit_features",
     "total_loss",
     "train",
 ]

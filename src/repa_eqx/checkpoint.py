@@ -33,7 +33,7 @@ def _is_leaf(x) -> bool:
     return eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
 
 
-def flatten(tree) -> dict[str, jax.Array]:
+def flatten(tree) -> dict[str, jax.Array | jax.ShapeDtypeStruct]:
     """Array leaves by path; typed PRNG keys are stored as their raw uint32 data."""
     leaves = jax.tree_util.tree_flatten_with_path(eqx.filter(tree, _is_leaf))[0]
     return {
