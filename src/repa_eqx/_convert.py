@@ -4,7 +4,9 @@ and fail once, listing every missing, unexpected and wrong-shape tensor, before 
 is filled, so nothing is ever half-loaded."""
 
 import dataclasses
+import json
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import equinox as eqx
@@ -18,6 +20,22 @@ class WeightsMismatch(ValueError):
 
 
 Where = Callable[[Any], Any]
+
+
+class HubConfig:
+    """For the frozen config dataclasses of the ports: `from_json` reads a checkpoint's
+    `config.json` through the class's own `from_dict`, naming the file in any error."""
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]):
+        raise NotImplementedError
+
+    @classmethod
+    def from_json(cls, path: str | Path):
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,8 +9,6 @@ checkpoint's `post_layernorm` (applied by transformers to the pooled CLS only) i
 """
 
 import dataclasses
-import json
-from pathlib import Path
 from typing import Any
 
 import equinox as eqx
@@ -20,7 +18,7 @@ import jax.random as jr
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray, UInt8
 
-from ._convert import Target, fill
+from ._convert import HubConfig, Target, fill
 from ._resize import resize_bicubic
 from .dinov2 import PatchEmbed
 from .hub import load_safetensors, resolve_pretrained
@@ -48,7 +46,7 @@ _ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": gelu}
 
 
 @dataclasses.dataclass(frozen=True)
-class ClipVisionConfig:
+class ClipVisionConfig(HubConfig):
     """The fields of a transformers `CLIPVisionConfig`: a `clip_vision_model` config.json,
     or the `vision_config` of a full `clip` one."""
 
@@ -74,13 +72,6 @@ class ClipVisionConfig:
         if config.hidden_act not in _ACTIVATIONS:
             raise ValueError(f"hidden_act {config.hidden_act!r} is not one of {list(_ACTIVATIONS)}")
         return config
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> "ClipVisionConfig":
-        try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except ValueError as error:
-            raise ValueError(f"{path}: {error}") from None
 
     @property
     def grid(self) -> int:

@@ -8,9 +8,7 @@ caller will use. `Dinov2` maps one image to its patch tokens after the final Lay
 """
 
 import dataclasses
-import json
 import math
-from pathlib import Path
 from typing import Any, Literal
 
 import equinox as eqx
@@ -20,7 +18,7 @@ import jax.random as jr
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray, UInt8
 
-from ._convert import Target, fill
+from ._convert import HubConfig, Target, fill
 from ._resize import resize_bicubic
 from .hub import load_safetensors, resolve_pretrained
 
@@ -31,7 +29,7 @@ _MODEL_TYPES = ("dinov2", "dinov2_with_registers")
 
 
 @dataclasses.dataclass(frozen=True)
-class Dinov2Config:
+class Dinov2Config(HubConfig):
     """The architecture fields of a transformers DINOv2 `config.json`."""
 
     hidden_size: int
@@ -61,13 +59,6 @@ class Dinov2Config:
             raise ValueError(f"config lacks {absent}")
         # Each value is cast to its field's type (transformers writes mlp_ratio as 4).
         return cls(**{f.name: f.type(raw[f.name]) for f in fields if f.name in raw})
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> "Dinov2Config":
-        try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except ValueError as error:
-            raise ValueError(f"{path}: {error}") from None
 
     @property
     def grid(self) -> int:

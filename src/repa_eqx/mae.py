@@ -9,10 +9,8 @@ sin-cos position table resampled once from 14x14 to 16x16 by timm's
 """
 
 import dataclasses
-import json
 import math
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import equinox as eqx
@@ -22,7 +20,7 @@ import jax.random as jr
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray, UInt8
 
-from ._convert import Target, fill
+from ._convert import HubConfig, Target, fill
 from .dinov2 import PatchEmbed, SelfAttention, preprocess, resample_pos_embed
 from .hub import load_safetensors, resolve_pretrained
 
@@ -41,7 +39,7 @@ def config_from_dict(cls: type[Config], raw: dict[str, Any]) -> Config:
 
 
 @dataclasses.dataclass(frozen=True)
-class MaeConfig:
+class MaeConfig(HubConfig):
     """The encoder fields of a transformers ViTMAE `config.json` (the decoder's are unused)."""
 
     hidden_size: int
@@ -61,13 +59,6 @@ class MaeConfig:
         if raw.get("hidden_act", "gelu") != "gelu":
             raise ValueError(f"hidden_act {raw['hidden_act']!r}: only 'gelu' is supported")
         return config_from_dict(cls, raw)
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> "MaeConfig":
-        try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except ValueError as error:
-            raise ValueError(f"{path}: {error}") from None
 
     @property
     def grid(self) -> int:

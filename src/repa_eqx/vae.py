@@ -12,7 +12,6 @@ level). `jax.default_matmul_precision("highest")` gives full float32, several ti
 """
 
 import dataclasses
-import json
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +31,7 @@ from huggingface_hub.errors import (
 )
 from jaxtyping import Array, Float, PRNGKeyArray, UInt8
 
-from ._convert import Target, fill
+from ._convert import HubConfig, Target, fill
 from ._layers import multihead_attention
 from .hub import load_safetensors, resolve_pretrained
 
@@ -42,7 +41,7 @@ _LOGVAR_MIN, _LOGVAR_MAX = -30.0, 20.0  # diffusers' clamp of the posterior log-
 
 
 @dataclasses.dataclass(frozen=True)
-class VAEConfig:
+class VAEConfig(HubConfig):
     """The architecture fields of a diffusers `AutoencoderKL` `config.json`."""
 
     block_out_channels: tuple[int, ...]
@@ -91,13 +90,6 @@ class VAEConfig:
         if isinstance(values.get("sample_size"), list):
             values["sample_size"] = tuple(values["sample_size"])
         return cls(**values)
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> "VAEConfig":
-        try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except ValueError as error:
-            raise ValueError(f"{path}: {error}") from None
 
 
 class GroupNorm(eqx.Module):
