@@ -1,14 +1,16 @@
-"""repa-eqx: REPA (representation alignment) for diffusion transformers in JAX/Equinox."""
+"""repa-eqx: REPA (representation alignment) for diffusion transformers in JAX/Equinox.
+
+Functions named like their module (`convert`, `evaluate`, `fd_dinov2`, `generate`) are not
+re-exported here, so `import repa_eqx.convert` stays the module."""
 
 from ._convert import WeightsMismatch
 from .alignment import cknna, linear_probe, sit_features
 from .clip import ClipVision, ClipVisionConfig, load_clip_vision
-from .convert import convert, load_converted
+from .convert import load_converted
 from .dinov2 import Dinov2, Dinov2Config, load_dinov2
-from .evaluate import build_reference, evaluate
+from .evaluate import build_reference
 from .export import export_run, from_pretrained
-from .fd_dinov2 import fd_dinov2
-from .generate import SamplerSpec, generate
+from .generate import SamplerSpec
 from .inception import InceptionV3, load_inception
 from .interpolants import coefficients, interpolate, sample_t
 from .losses import denoising_loss, repa_loss, total_loss
@@ -46,15 +48,11 @@ __all__ = [
     "cknna",
     "coefficients",
     "compute_metrics",
-    "convert",
     "denoising_loss",
-    "evaluate",
     "export_official",
     "export_run",
-    "fd_dinov2",
     "frechet_distance",
     "from_pretrained",
-    "generate",
     "interpolate",
     "linear_probe",
     "load_clip_vision",
