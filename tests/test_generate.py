@@ -229,3 +229,17 @@ def test_sample_command_on_an_official_checkpoint_decodes_with_the_vae(tmp_path)
     with np.load(tmp_path / "s.npz") as npz:
         # 8x8 latents, two VAE blocks: one 2x upsampling.
         assert npz["arr_0"].shape == (3, 16, 16, 3) and npz["arr_0"].dtype == np.uint8
+
+
+def test_sample_command_from_an_export(trained_run, tmp_path):
+    from repa_eqx.export import export_run
+
+    folder = export_run(trained_run / "tiny", tmp_path / "export")
+    result = runner.invoke(
+        app,
+        ["sample", "--from-hub", str(folder), "--num", "2", "--steps", "2",
+         "--out", str(tmp_path / "s"), "--no-progress"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    with np.load(tmp_path / "s.npz") as npz:
+        assert npz["arr_0"].shape == (2, 32, 32, 3)
