@@ -16,13 +16,20 @@ reads the HLO as the program wrote it (before XLA's optimisations), i.e. model F
 hardware FLOPs. The raw figure of the compiled step is reported beside it.
 
 MFU is relative to the best GFLOP/s this machine reaches on a large fp32 matmul, for both
-precisions: the CPU has no faster bf16 path. Other processes can load the machine at any point of
-the run and a loaded measurement only underestimates the peak, so the matmul is timed before each
-configuration and at the end, and the best of those is the peak.
+precisions. Where the CPU has a bf16 path (avx512_bf16, which PyTorch's autocast uses and our
+XLA step does not yet), bf16 MFU against the fp32 peak is an upper bound. Other processes can
+load the machine at any point of the run and a loaded measurement only underestimates the
+peak, so the matmul is timed before each configuration and at the end; the best is the peak.
+
+PyTorch baseline (`--torch`, on by default when torch is importable). For each configuration the
+same step written in eager PyTorch (benchmarks/torch_repa_step.py: the reference's SDPA attention,
+bf16 through `torch.autocast`, torch's default thread count) runs on the same batch with the same
+warmup and timed steps; the table adds its median s/step and the speed-up, torch s/step / ours.
 """
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -104,14 +111,22 @@ def model_flops(config: SiTConfig, step_cfg: StepConfig, batch: dict) -> float:
     return one + (config.depth - 1) * (two - one)
 
 
-def bench_one(model: str, precision: str, batch_size: int, steps: int, warmup: int) -> dict:
-    config = SiTConfig.from_name(
+def imagenet_config(model: str) -> SiTConfig:
+    return SiTConfig.from_name(
         f"SiT-{model}", input_size=LATENT_SIZE, in_channels=LATENT_CHANNELS, num_classes=NUM_CLASSES
     )
+
+
+def step_config(precision: str) -> StepConfig:
     # The paper's objective and EMA; none of these change the step's cost.
-    step_cfg = StepConfig(
+    return StepConfig(
         path="linear", weighting="uniform", proj_coeff=0.5, ema_decay=0.9999, precision=precision
     )
+
+
+def bench_one(model: str, precision: str, batch_size: int, steps: int, warmup: int) -> dict:
+    config = imagenet_config(model)
+    step_cfg = step_config(precision)
     batch = make_batch(batch_size, config.num_tokens)
     state_arrays, enc_arrays, lowered, lower_s = lower_step(config, step_cfg, batch)
     start = time.perf_counter()
@@ -149,6 +164,58 @@ def bench_one(model: str, precision: str, batch_size: int, steps: int, warmup: i
     }
 
 
+def bench_torch(model: str, precision: str, batch_size: int, steps: int, warmup: int) -> dict:
+    """The same step in eager PyTorch, timed the same way on the same batch."""
+    import torch
+    from torch_repa_step import REPASiT, REPAStep  # beside this script, so on sys.path
+
+    c = imagenet_config(model)
+    step_cfg, optim = step_config(precision), Recipe().optim
+    torch.manual_seed(0)
+    sit = REPASiT(
+        depth=c.depth,
+        hidden_size=c.hidden_size,
+        num_heads=c.num_heads,
+        encoder_depth=c.encoder_depth,
+        input_size=c.input_size,
+        patch_size=c.patch_size,
+        in_channels=c.in_channels,
+        num_classes=c.num_classes,
+        mlp_ratio=c.mlp_ratio,
+        class_dropout_prob=c.class_dropout_prob,
+        z_dim=TARGET_DIM,
+        projector_dim=PROJECTOR_DIM,
+    )
+    step = REPAStep(
+        sit,
+        precision,
+        lr=optim.lr,
+        betas=(optim.beta1, optim.beta2),
+        eps=optim.eps,
+        weight_decay=optim.weight_decay,
+        max_grad_norm=optim.max_grad_norm,
+        ema_decay=step_cfg.ema_decay,
+        proj_coeff=step_cfg.proj_coeff,
+    )
+    batch = make_batch(batch_size, c.num_tokens)
+    x, y, features = (
+        torch.from_numpy(np.array(a)) for a in (batch["x"], batch["y"], batch["features"][0])
+    )
+    times = []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        loss = step(x, y, features)  # eager CPU: synchronous, returns a Python float
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    if not math.isfinite(loss):
+        raise RuntimeError(f"SiT-{model} {precision} (torch): non-finite loss {loss}")
+    return {
+        "torch_step_s": statistics.median(times),
+        "torch_step_times_s": times,
+        "torch_final_loss": loss,
+    }
+
+
 def results_table(rows: list[dict], steps: int, warmup: int) -> Table:
     table = Table(
         title=f"REPA train step, batch {rows[0]['batch']}: SiT on 4x32x32 latents (256 tokens) "
@@ -157,9 +224,15 @@ def results_table(rows: list[dict], steps: int, warmup: int) -> Table:
     )
     headers = ["model", "precision", "compile s", "s/step", "images/s", "GFLOP/step"]
     headers += ["XLA raw GFLOP", "GFLOP/s", "MFU"]
+    with_torch = "torch_step_s" in rows[0]
+    if with_torch:
+        headers += ["torch s/step", "speed-up (torch/ours)"]
     for header in headers:
         table.add_column(header, justify="left" if header in headers[:2] else "right")
     for r in rows:
+        torch_cells = []
+        if with_torch:
+            torch_cells = [f"{r['torch_step_s']:.2f}", f"{r['speedup_torch_over_ours']:.2f}x"]
         table.add_row(
             r["model"],
             r["precision"],
@@ -170,6 +243,7 @@ def results_table(rows: list[dict], steps: int, warmup: int) -> Table:
             f"{r['xla_flops_compiled_raw'] / 1e9:.0f}",
             f"{r['achieved_gflops']:.1f}",
             f"{100 * r['mfu']:.1f}%",
+            *torch_cells,
         )
     return table
 
@@ -186,7 +260,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps after compiling")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    have_torch = importlib.util.find_spec("torch") is not None
+    parser.add_argument(
+        "--torch",
+        action=argparse.BooleanOptionalAction,
+        default=have_torch,
+        help="also time the same step in eager PyTorch (default: on when torch is importable)",
+    )
     args = parser.parse_args()
+    if args.torch and not have_torch:
+        parser.error("--torch needs PyTorch installed")
+    torch_info = {}
+    if args.torch:
+        import torch
+
+        torch_info = {"torch": torch.__version__, "torch_num_threads": torch.get_num_threads()}
     models = [m.removeprefix("SiT-") for m in parse_list(args.models)]
     precisions = parse_list(args.precisions)
     if unknown := set(precisions) - set(PRECISIONS):
@@ -205,6 +293,12 @@ def main() -> None:
             log.print(f"SiT-{model} {precision}: compiling, then {args.warmup}+{args.steps} steps")
             rows.append(bench_one(model, precision, args.batch, args.steps, args.warmup))
             log.print(f"  {rows[-1]['step_s']:.2f} s/step")
+            if args.torch:
+                log.print(f"SiT-{model} {precision}: PyTorch, {args.warmup}+{args.steps} steps")
+                row = rows[-1]
+                row.update(bench_torch(model, precision, args.batch, args.steps, args.warmup))
+                row["speedup_torch_over_ours"] = row["torch_step_s"] / row["step_s"]
+                log.print(f"  {row['torch_step_s']:.2f} s/step")
     peaks.append(measure_peak_gflops())
     peak = max(peaks)
     log.print(f"matmul GFLOP/s measured along the run: {', '.join(f'{p:.0f}' for p in peaks)}")
@@ -213,18 +307,24 @@ def main() -> None:
     total_s = time.perf_counter() - run_start
 
     # Piped output would otherwise be cut to 80 columns and truncate the table's cells.
-    console = Console(width=None if Console().is_terminal else 120)
+    console = Console(width=None if Console().is_terminal else 150 if args.torch else 120)
     console.print(results_table(rows, args.steps, args.warmup))
     console.print(
         f"MFU is relative to the measured peak of this machine: {peak:.1f} GFLOP/s, the best "
         f"jitted fp32 2048x2048 matmul (10 reps at each of {len(peaks)} points of the run). bf16 "
-        "rows use the same fp32 peak (the CPU has no faster bf16 path).\n"
+        "rows use the same fp32 peak (an upper bound where the CPU has avx512_bf16).\n"
         "GFLOP/step: XLA cost analysis with every SiT block counted (depth-1/2 variants "
         "extrapolated); XLA raw: the compiled step's own count, which counts each scanned "
         "layer loop once.\n"
         f"compile s = lower + compile. {len(jax.devices())} {jax.default_backend()} device, "
         f"{os.cpu_count()} cores; total wall time {total_s:.0f} s."
     )
+    if args.torch:
+        console.print(
+            f"torch s/step: the same step in eager PyTorch {torch_info['torch']} "
+            "(benchmarks/torch_repa_step.py; SDPA attention, bf16 via torch.autocast), "
+            f"{torch_info['torch_num_threads']} threads; speed-up = torch s/step / ours."
+        )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         report = {
@@ -237,6 +337,7 @@ def main() -> None:
             "steps": args.steps,
             "warmup": args.warmup,
             "total_wall_s": total_s,
+            **torch_info,
             "rows": rows,
         }
         args.json.write_text(json.dumps(report, indent=2) + "\n")
