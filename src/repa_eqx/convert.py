@@ -41,16 +41,15 @@ class _Family:
     load: Callable[..., eqx.Module]  # (name_or_path, revision=...) -> model
 
 
-_KEY = jax.random.key(0)
 FAMILIES: dict[str, _Family] = {
     "dinov2": _Family(
-        dinov2.Dinov2Config, lambda c: dinov2.Dinov2(c, key=_KEY), dinov2.load_dinov2
+        dinov2.Dinov2Config, lambda c: dinov2.Dinov2(c, key=jax.random.key(0)), dinov2.load_dinov2
     ),
     "clip-vision": _Family(
-        clip.ClipVisionConfig, lambda c: clip.ClipVision(c, key=_KEY), clip.load_clip_vision
+        clip.ClipVisionConfig, lambda c: clip.ClipVision(c, key=jax.random.key(0)), clip.load_clip_vision
     ),
-    "vit-mae": _Family(mae.MaeConfig, lambda c: mae.Mae(c, key=_KEY), mae.load_mae),
-    "sd-vae": _Family(vae.VAEConfig, lambda c: vae.AutoencoderKL(c, key=_KEY), vae.load_vae),
+    "vit-mae": _Family(mae.MaeConfig, lambda c: mae.Mae(c, key=jax.random.key(0)), mae.load_mae),
+    "sd-vae": _Family(vae.VAEConfig, lambda c: vae.AutoencoderKL(c, key=jax.random.key(0)), vae.load_vae),
 }
 _BY_MODEL_TYPE = {
     "dinov2": "dinov2",
@@ -224,7 +223,7 @@ def load_converted(folder: str | Path) -> eqx.Module:
         from .official import official_config
 
         config, z_dims, projector_dim = official_config(header["config"])
-        skeleton = eqx.filter_eval_shape(REPAModel, config, z_dims, projector_dim, key=_KEY)
+        skeleton = eqx.filter_eval_shape(REPAModel, config, z_dims, projector_dim, key=jax.random.key(0))
     else:
         config = _config_from_json(FAMILIES[family].config_cls, header["config"])
         skeleton = eqx.filter_eval_shape(FAMILIES[family].build, config)
