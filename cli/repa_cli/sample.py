@@ -39,8 +39,9 @@ def sample(
     ckpt: Annotated[
         Path | None,
         typer.Option(
-            help="A run directory, one checkpoint RUN/checkpoints/STEP, or an official REPA "
-            ".pt file. Default: the most recent run under --runs-dir."
+            help="A run directory, one checkpoint RUN/checkpoints/STEP, an official REPA .pt "
+            "file, or a DiT one (DiT-XL-2-256x256.pt). Default: the most recent run under "
+            "--runs-dir."
         ),
     ] = None,
     from_hub: Annotated[
@@ -57,18 +58,33 @@ def sample(
         typer.Option(
             "--official-arg",
             help="For official checkpoints without args: --official-arg model=SiT-XL/2 "
-            "(also encoder_depth=8, projector_embed_dims=768, resolution, path_type)",
+            "(also encoder_depth=8, projector_embed_dims=768, resolution, path_type); for DiT "
+            "files the tensors and the file name do not describe: model=DiT-XL/2, "
+            "image_size=256, num_heads",
         ),
     ] = None,
-    mode: Annotated[str, typer.Option(help="ode or sde")] = "ode",
+    mode: Annotated[
+        str | None,
+        typer.Option(
+            help="ode or sde for a SiT, ddpm or ddim for a DiT (default: ode, or ddpm for a DiT)"
+        ),
+    ] = None,
     steps: Annotated[
-        int | None, typer.Option(help="Sampling steps (default: 50 for ode, 250 for sde)")
+        int | None,
+        typer.Option(help="Sampling steps (default: 50 for ode and ddim, 250 for sde and ddpm)"),
     ] = None,
     solver: Annotated[str, typer.Option(help="ODE solver: euler or heun")] = "euler",
     cfg: Annotated[float, typer.Option(help="Classifier-free guidance scale (1: none)")] = 1.0,
     interval: Annotated[
-        str, typer.Option(help="Guidance interval LOW,HIGH in t (1 = noise)")
+        str,
+        typer.Option(help="Guidance interval LOW,HIGH in t (1 = noise; a DiT's t = step / 1000)"),
     ] = "0,1",
+    cfg_channels: Annotated[
+        int | None,
+        typer.Option(
+            help="DiT: guide only the first N noise channels (3 reproduces DiT's sample.py)"
+        ),
+    ] = None,
     num: Annotated[int, typer.Option(help="Number of images")] = 64,
     classes: Annotated[
         str | None, typer.Option(help="Class ids to cycle through, e.g. 1,207,360")
@@ -89,7 +105,8 @@ def sample(
     runs_dir: Annotated[Path, typer.Option(help="Where training runs live")] = Path("runs"),
     progress: Annotated[bool, typer.Option(help="Show the progress bar")] = True,
 ) -> None:
-    """Sample with the EMA weights (ODE or SDE, guidance restricted to an interval)."""
+    """Sample with the EMA weights (ODE or SDE; DDPM or DDIM for a DiT; guidance restricted
+    to an interval)."""
     from repa_eqx.generate import SamplerSpec, choose_labels, generate, to_uint8_pixels
     from repa_eqx.runs import RunNotFound, download_official, latest_run, load_for_sampling
 
@@ -112,13 +129,15 @@ def sample(
                 model = load_for_sampling(source, official_args=official)
         else:
             model = load_for_sampling(ckpt or latest_run(runs_dir), official_args=official)
+        mode = mode or model.default_mode
         spec = SamplerSpec(
             mode,
-            steps or (250 if mode == "sde" else 50),
+            steps or (250 if mode in ("sde", "ddpm") else 50),
             solver=solver,
             cfg_scale=cfg,
             interval=low_high,
             path=model.path,
+            cfg_channels=cfg_channels,
         )
         labels = choose_labels(
             num, model.sit.config.num_classes, seed=seed, classes=wanted, balanced=class_balanced

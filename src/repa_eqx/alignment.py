@@ -14,6 +14,7 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
+from .diffusion import NUM_TIMESTEPS, Schedule, q_sample
 from .interpolants import PathType, interpolate
 from .sit import SiT, _slice_blocks
 
@@ -192,7 +193,11 @@ def _features_chunk(sit: SiT, x, noise, t, layer: int, path: PathType, pool: boo
     model = _tapped(sit, layer)
 
     def one(x, noise, t):
-        x_t, _ = interpolate(path, x, noise, t)
+        if sit.config.learn_sigma:  # a DiT: DDPM noise at step 1000 t, fed that step
+            step = jnp.minimum(jnp.round(t * NUM_TIMESTEPS), NUM_TIMESTEPS - 1).astype(jnp.int32)
+            x_t, t = q_sample(Schedule.linear(), x, step, noise), step.astype(jnp.float32)
+        else:
+            x_t, _ = interpolate(path, x, noise, t)
         # The null label: no class information reaches the features.
         hidden = model(x_t, t, jnp.asarray(model.null_label))[1].astype(jnp.float32)
         return jnp.mean(hidden, axis=0) if pool else hidden
@@ -212,7 +217,8 @@ def sit_features(
     batch_size: int = 256,
 ) -> Float[Array, "n hidden"] | Float[Array, "n tokens hidden"]:
     """A SiT's hidden state after block `layer` (1-based) on x_t = alpha_t x + sigma_t eps,
-    with the null label; float32, mean-pooled over tokens when `pool`.
+    with the null label; float32, mean-pooled over tokens when `pool`. A DiT (`learn_sigma`)
+    sees its own DDPM noise at step round(1000 t) (at most 999) instead.
 
     Example i's noise is drawn from `fold_in(key, i)`, so the result does not depend on
     `batch_size`, the number of examples run at a time to bound the memory.

@@ -1,5 +1,6 @@
 """Sampling many images from a trained SiT: per-example noise and labels, batches sharded
-over devices, the ODE or SDE sampler, decoding, and the files evaluation tools read.
+over devices, the ODE or SDE sampler (DDPM or DDIM for a DiT), decoding, and the files
+evaluation tools read.
 
 Everything random about example i (its noise, its SDE noise, its random label) comes from
 `fold_in(key(seed), i)`, so the images of a seed do not depend on the batch size or on the
@@ -22,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 from PIL import Image
 
+from .diffusion import Schedule, ddim_sample, ddpm_sample
 from .images import save_grid
 from .interpolants import PathType
 from .samplers import ode_sample, sde_sample
@@ -30,24 +32,47 @@ from .sit import SiT
 
 @dataclasses.dataclass(frozen=True)
 class SamplerSpec:
-    """How to sample: the reference's `generate.py` options."""
+    """How to sample: the reference's `generate.py` options. "ode" and "sde" sample a SiT
+    (interpolant objective); "ddpm" (the chain respaced to `num_steps` evenly spread steps,
+    DiT's default 250) and "ddim" (DDIM's "ddimN" striding, eta 0) sample a DiT. The guidance
+    interval is in t = step / 1000 for the latter (`diffusion.py`)."""
 
-    mode: Literal["ode", "sde"] = "ode"
+    mode: Literal["ode", "sde", "ddpm", "ddim"] = "ode"
     num_steps: int = 50
     solver: Literal["euler", "heun"] = "euler"  # ODE only
     cfg_scale: float = 1.0
     interval: tuple[float, float] = (0.0, 1.0)
     path: PathType = "linear"  # the interpolant the model was trained on (the SDE's score)
+    # DiT only: guide the first this many noise channels (None: all). DiT's sample.py guides
+    # 3 of the 4 latent channels; 3 reproduces its published guided samples.
+    cfg_channels: int | None = None
 
     def __post_init__(self):
-        if self.mode not in ("ode", "sde"):
-            raise ValueError(f"mode must be 'ode' or 'sde', got {self.mode!r}")
+        if self.cfg_channels is not None and self.mode not in ("ddpm", "ddim"):
+            raise ValueError("cfg_channels applies to the DiT modes 'ddpm' and 'ddim' only")
+        if self.mode not in ("ode", "sde", "ddpm", "ddim"):
+            raise ValueError(
+                f"mode must be 'ode' or 'sde' (SiT), or 'ddpm' or 'ddim' (DiT), got {self.mode!r}"
+            )
+
+    @property
+    def ddpm(self) -> bool:
+        """Whether this samples a DDPM-trained model (a DiT, with learned variance)."""
+        return self.mode in ("ddpm", "ddim")
+
+    def schedule(self) -> Schedule:
+        """The respaced DDPM chain of the "ddpm" and "ddim" modes."""
+        spacing = f"ddim{self.num_steps}" if self.mode == "ddim" else str(self.num_steps)
+        return Schedule.linear().respace(spacing)
 
     @property
     def name(self) -> str:
         low, high = self.interval
         solver = f"-{self.solver}" if self.mode == "ode" else ""
-        return f"{self.mode}{solver}-{self.num_steps}-cfg{self.cfg_scale:g}-{low:g}_{high:g}"
+        channels = f"-c{self.cfg_channels}" if self.cfg_channels is not None else ""
+        return (
+            f"{self.mode}{solver}-{self.num_steps}-cfg{self.cfg_scale:g}{channels}-{low:g}_{high:g}"
+        )
 
 
 def sample(
@@ -58,19 +83,31 @@ def sample(
     keys: PRNGKeyArray,
 ) -> Float[Array, "batch c h w"]:
     """Samples of `sit` (in its own space: pixels in [-1, 1] or scaled latents)."""
+    if spec.ddpm != sit.config.learn_sigma:
+        raise ValueError(
+            f"mode {spec.mode!r} does not sample this model: 'ddpm' and 'ddim' sample a DiT "
+            "(DDPM objective, learned variance), 'ode' and 'sde' a SiT (interpolant objective)"
+        )
 
-    def velocity(x, t, y):
+    def network(x, t, y):  # SiT: the velocity; DiT: the noise and the variance
         return jax.vmap(lambda x, t, y: sit(x, t, y)[0])(x, t, y)
 
-    common = dict(
-        num_steps=spec.num_steps,
-        cfg_scale=spec.cfg_scale,
-        interval=spec.interval,
-        null_label=sit.null_label,
-    )
+    common = dict(cfg_scale=spec.cfg_scale, interval=spec.interval, null_label=sit.null_label)
+    if spec.ddpm:
+        run = ddpm_sample if spec.mode == "ddpm" else ddim_sample
+        return run(
+            network,
+            noise,
+            labels,
+            keys,
+            schedule=spec.schedule(),
+            cfg_channels=spec.cfg_channels,
+            **common,
+        )
+    common["num_steps"] = spec.num_steps
     if spec.mode == "ode":
-        return ode_sample(velocity, noise, labels, solver=spec.solver, **common)
-    return sde_sample(velocity, noise, labels, keys, path=spec.path, **common)
+        return ode_sample(network, noise, labels, solver=spec.solver, **common)
+    return sde_sample(network, noise, labels, keys, path=spec.path, **common)
 
 
 sample_jit = eqx.filter_jit(sample)

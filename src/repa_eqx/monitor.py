@@ -95,7 +95,10 @@ class Monitor:
         spec, out = self.spec, {}
         if _SAMPLE_METRICS & set(self.metrics):
             sampler = SamplerSpec(
-                "ode", spec.sample_steps, cfg_scale=spec.cfg_scale, path=self.recipe.loss.path
+                "ddpm" if self.recipe.loss.objective == "ddpm" else "ode",
+                spec.sample_steps,
+                cfg_scale=spec.cfg_scale,
+                path=self.recipe.loss.path,
             )
             labels = choose_labels(spec.num_samples, self.num_classes, balanced=True)
             # The same noise at every evaluation: differences come from the model alone.

@@ -347,9 +347,11 @@ def _pos_embed_check(stored, config: SiTConfig) -> tuple[str | None, float | Non
 
 
 def _describe(config: SiTConfig, z_dims: Sequence[int]) -> str:
+    family = "DiT" if config.learn_sigma else "SiT"
+    projectors = f", with projectors to {tuple(z_dims)}" if z_dims else ""
     return (
-        f"a SiT of depth {config.depth}, width {config.hidden_size}, patch {config.patch_size}, "
-        f"{config.num_classes} classes, with projectors to {tuple(z_dims)}"
+        f"a {family} of depth {config.depth}, width {config.hidden_size}, patch "
+        f"{config.patch_size}, {config.num_classes} classes{projectors}"
     )
 
 

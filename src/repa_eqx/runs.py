@@ -24,10 +24,21 @@ class SamplingModel:
     """A SiT ready to sample, and what sampling needs to know about how it was trained."""
 
     sit: SiT
-    path: PathType  # the interpolant it was trained on
+    path: PathType  # the interpolant it was trained on (a DiT's is unused)
     latent: bool  # samples are SD-VAE latents (scaled by 0.18215), not pixels
     source: Path
     step: int | None
+
+    @property
+    def objective(self) -> str:
+        """The objective it was trained with: "ddpm" for a DiT (learned variance; sampled by
+        "ddpm" or "ddim"), "interpolant" for a SiT ("ode" or "sde"). A recipe's
+        loss.objective is tied to its arch (recipe.py): this is the run's objective."""
+        return "ddpm" if self.sit.config.learn_sigma else "interpolant"
+
+    @property
+    def default_mode(self) -> str:
+        return "ddpm" if self.objective == "ddpm" else "ode"
 
 
 def _checkpoint_steps(run_dir: Path) -> list[int]:
@@ -106,12 +117,26 @@ def load_official_for_sampling(path: str | Path, **args) -> SamplingModel:
     )
 
 
+def load_dit_for_sampling(path: str | Path, **hints) -> SamplingModel:
+    """A public DiT checkpoint (facebookresearch/DiT's DiT-XL-2-256x256.pt, or one of its
+    train.py's); `hints` supply what the tensors and the file name do not tell (`dit_config`)."""
+    from .dit import load_dit
+
+    sit, _ = load_dit(path, **hints)
+    return SamplingModel(sit, path="linear", latent=True, source=Path(path), step=None)
+
+
 def load_for_sampling(
     source: str | Path, *, step: int | None = None, official_args: dict | None = None
 ) -> SamplingModel:
-    """A run directory, one of its checkpoints, or an official checkpoint file."""
+    """A run directory, one of its checkpoints, or a checkpoint file: a DiT's (told by its
+    learned-variance output layer) or an official REPA one."""
+    from .dit import is_dit_checkpoint
+
     source = Path(source)
     if source.is_file():
+        if is_dit_checkpoint(source):
+            return load_dit_for_sampling(source, **(official_args or {}))
         return load_official_for_sampling(source, **(official_args or {}))
     if official_args:
         raise RunNotFound(f"{source} is a run directory; official args apply to .pt files only")

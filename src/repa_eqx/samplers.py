@@ -83,9 +83,12 @@ def _call(
     guided: Bool[Array, ""] | None,
     cfg_scale: float,
     null_label: int,
+    guided_channels: int | None = None,
 ) -> Float[Array, "batch ..."]:
     """`field` at (x, t, y), guided when `guided` is true: the conditional and null-label
-    halves in one batched call of twice the size, else one conditional call."""
+    halves in one batched call of twice the size, else one conditional call. With
+    `guided_channels`, only the first that many channels (axis 1) are guided; the rest are
+    the conditional output's (DiT: the noise is guided, the variance is not)."""
     n = x.shape[0]
     ts = jnp.full((n,), t, x.dtype)
 
@@ -99,7 +102,10 @@ def _call(
             jnp.concatenate([y, jnp.full_like(y, null_label)]),
         )
         cond, uncond = both[:n], both[n:]
-        return uncond + cfg_scale * (cond - uncond)
+        mixed = uncond + cfg_scale * (cond - uncond)
+        if guided_channels is None:
+            return mixed
+        return jnp.concatenate([mixed[:, :guided_channels], cond[:, guided_channels:]], axis=1)
 
     if guided is None:
         return plain()

@@ -1,5 +1,9 @@
 """SiT: a diffusion transformer with adaLN-Zero conditioning (Ma et al. 2024), as REPA uses it.
 
+The same network is DiT (Peebles & Xie 2023) with `learn_sigma`: its output has twice the input
+channels (the noise, then the variance interpolation of `diffusion.py`) and it is fed the
+integer DDPM timestep 0..999 instead of t in [0, 1]. "DiT-XL/2" names set `learn_sigma`.
+
 One unbatched example per call; callers `jax.vmap`. The transformer blocks are one stacked
 pytree run with `lax.scan`, split at `encoder_depth` so the hidden state REPA aligns comes out
 without keeping every layer's activations.
@@ -35,6 +39,7 @@ class SiTConfig:
     num_classes: int = 1000
     class_dropout_prob: float = 0.1
     encoder_depth: int = 8
+    learn_sigma: bool = False  # DiT: output 2C channels, noise then variance
 
     def __post_init__(self):
         if self.input_size % self.patch_size:
@@ -56,19 +61,28 @@ class SiTConfig:
     def num_tokens(self) -> int:
         return self.grid_size**2
 
+    @property
+    def out_channels(self) -> int:
+        return 2 * self.in_channels if self.learn_sigma else self.in_channels
+
     @classmethod
     def from_name(cls, name: str, **overrides) -> "SiTConfig":
-        """`SiTConfig.from_name("SiT-B/2", in_channels=4, input_size=32)`."""
-        match = re.fullmatch(r"SiT-(S|B|L|XL)/(2|4|8)", name)
+        """`SiTConfig.from_name("SiT-B/2", in_channels=4, input_size=32)`; "DiT-B/2" is the
+        same shape with `learn_sigma=True`."""
+        match = re.fullmatch(r"(SiT|DiT)-(S|B|L|XL)/(2|4|8)", name)
         if match is None:
-            raise ValueError(f"unknown SiT name {name!r}: expected SiT-{{S,B,L,XL}}/{{2,4,8}}")
-        depth, hidden, heads = SIZES[match.group(1)]
+            raise ValueError(
+                f"unknown model name {name!r}: expected SiT-{{S,B,L,XL}}/{{2,4,8}} or DiT-..."
+            )
+        family, size, patch = match.groups()
+        depth, hidden, heads = SIZES[size]
         base = dict(
             depth=depth,
             hidden_size=hidden,
             num_heads=heads,
-            patch_size=int(match.group(2)),
-            encoder_depth=ENCODER_DEPTHS[match.group(1)],
+            patch_size=int(patch),
+            encoder_depth=ENCODER_DEPTHS[size],
+            learn_sigma=family == "DiT",
         )
         return cls(**(base | overrides))
 
@@ -149,7 +163,8 @@ def _slice_blocks(blocks: SiTBlock, start: int, stop: int) -> SiTBlock:
 
 
 class SiT(eqx.Module):
-    """Returns the velocity prediction and the hidden state after block `encoder_depth`."""
+    """Returns the velocity prediction (DiT: noise and variance, 2C channels) and the hidden
+    state after block `encoder_depth`."""
 
     patch_weight: Float[Array, "hidden c p p"]
     patch_bias: Float[Array, " hidden"]
@@ -183,7 +198,7 @@ class SiT(eqx.Module):
         kf = jax.random.split(k[5])
         self.final_adaln = xavier_linear(c.hidden_size, 2 * c.hidden_size, key=kf[0], zero=True)
         self.final_linear = xavier_linear(
-            c.hidden_size, c.patch_size**2 * c.in_channels, key=kf[1], zero=True
+            c.hidden_size, c.patch_size**2 * c.out_channels, key=kf[1], zero=True
         )
         self.config = config
 
@@ -198,7 +213,7 @@ class SiT(eqx.Module):
         return x.reshape((h // p) * (w // p), c * p * p)
 
     def unpatchify(self, x: Float[Array, "tokens p*p*c"]) -> Float[Array, "c h w"]:
-        p, c, g = self.config.patch_size, self.config.in_channels, self.config.grid_size
+        p, c, g = self.config.patch_size, self.config.out_channels, self.config.grid_size
         x = x.reshape(g, g, p, p, c).transpose(4, 0, 2, 1, 3)
         return x.reshape(c, g * p, g * p)
 
@@ -221,7 +236,7 @@ class SiT(eqx.Module):
         y: Int[Array, ""],
         *,
         key: PRNGKeyArray | None = None,
-    ) -> tuple[Float[Array, "c h w"], Float[Array, "tokens hidden"]]:
+    ) -> tuple[Float[Array, "c_out h w"], Float[Array, "tokens hidden"]]:
         cfg = self.config
         if x.shape != (cfg.in_channels, cfg.input_size, cfg.input_size):
             raise ValueError(
