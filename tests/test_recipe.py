@@ -1,3 +1,4 @@
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,28 @@ def test_paper_recipes_carry_the_paper_settings():
         assert (r.optim.weight_decay, r.optim.max_grad_norm, r.optim.ema_decay) == (0, 1.0, 0.9999)
         assert (r.data.batch_size, r.train.steps, r.loss.proj_coeff) == (256, 400_000, 0.5)
         assert r.encoders[0].id == "facebook/dinov2-base" and r.encoders[0].resolution == 224
+
+
+def test_vanilla_twins_differ_only_by_repa():
+    """Each sit_*.toml baseline is its REPA twin without encoders (and at 512 px, the 512
+    twin uses 64x64 latents and DINOv2 at 448 px: 32x32 patches, the SiT-XL/2 grid)."""
+    root = Path(__file__).parent.parent / "recipes"
+    for vanilla_name, repa_name in (
+        ("sit_b", "sit_b_repa"),
+        ("sit_l", "sit_l_repa"),
+        ("sit_xl", "sit_xl_repa"),
+        ("sit_xl_512", "sit_xl_repa_512"),
+    ):
+        repa = load_recipe(root / f"{repa_name}.toml")
+        vanilla = load_recipe(root / f"{vanilla_name}.toml")
+        assert vanilla.encoders == () and vanilla.loss.proj_coeff == 0
+        assert (
+            dataclasses.replace(vanilla, encoders=repa.encoders, loss=repa.loss, output=repa.output)
+            == repa
+        )
+    big = load_recipe(root / "sit_xl_repa_512.toml")
+    assert big.model.input_size == 64 and big.encoders[0].resolution == 448
+    assert big.model.input_size // 2 == big.encoders[0].resolution // 14
 
 
 @pytest.mark.parametrize(

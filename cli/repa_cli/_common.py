@@ -12,9 +12,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that carry a readable message for the user (imported lazily: the CLI
     answers `--help` without importing JAX)."""
     from repa_eqx import WeightsMismatch
-    from repa_eqx.checkpoint import CheckpointMismatch
+    from repa_eqx.checkpoint import CheckpointMismatch, CheckpointUnreadable
     from repa_eqx.data import DataError
     from repa_eqx.hub import PretrainedNotFound
+    from repa_eqx.parallel import MeshError
+    from repa_eqx.preprocess import PreprocessError
     from repa_eqx.recipe import RecipeError
     from repa_eqx.train import TrainingDiverged
 
@@ -22,8 +24,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
         RecipeError,
         DataError,
         CheckpointMismatch,
+        CheckpointUnreadable,
+        MeshError,
         TrainingDiverged,
         PretrainedNotFound,
+        PreprocessError,
         WeightsMismatch,
         FileNotFoundError,
     )

@@ -8,6 +8,7 @@ import typer
 from ._common import fail, user_errors
 from .convert import convert
 from .evaluate import evaluate, fid, reference
+from .preprocess import preprocess
 from .push import push_to_hub
 from .sample import sample
 
@@ -34,11 +35,32 @@ def train(
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in output.dir")] = False,
     progress: Annotated[bool, typer.Option(help="Show the progress bar")] = True,
+    distributed: Annotated[
+        bool,
+        typer.Option(
+            help="Several hosts: call jax.distributed.initialize first (run the same command "
+            "on every host; the cluster comes from SLURM, Open MPI, a TPU pod or the options "
+            "below)"
+        ),
+    ] = False,
+    coordinator: Annotated[
+        str | None, typer.Option(help="With --distributed: HOST:PORT of process 0")
+    ] = None,
+    num_processes: Annotated[int | None, typer.Option(help="With --distributed")] = None,
+    process_id: Annotated[int | None, typer.Option(help="With --distributed")] = None,
 ) -> None:
-    """Train a SiT (+ REPA) as the recipe says; outputs go to the recipe's output.dir."""
+    """Train a SiT (+ REPA) as the recipe says, on every device the recipe's mesh names;
+    outputs go to the recipe's output.dir."""
     from repa_eqx.recipe import load_recipe
     from repa_eqx.train import train as run_training
 
+    if distributed:  # before anything touches a device
+        from repa_eqx.parallel import initialize_distributed
+
+        try:
+            initialize_distributed(coordinator, num_processes, process_id)
+        except (RuntimeError, ValueError) as e:
+            fail(f"--distributed: {e}")
     errors = user_errors()
     try:
         r = load_recipe(recipe, set_ or [])
@@ -61,6 +83,7 @@ app.command("push-to-hub")(push_to_hub)
 app.command()(fid)
 app.command("eval")(evaluate)
 app.command()(reference)
+app.command()(preprocess)
 
 if __name__ == "__main__":
     app()

@@ -1,6 +1,7 @@
 """In-memory datasets and a deterministic, resumable batch order."""
 
 import dataclasses
+import functools
 import gzip
 import importlib.util
 from pathlib import Path
@@ -65,12 +66,28 @@ def from_model_space(x) -> np.ndarray:
     return np.clip(np.round((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
+class EpochOrder:
+    """The example indices of global batch `step`: epoch e = step // batches_per_epoch is a
+    permutation drawn from (seed, e), cut into batches, the remainder dropped."""
+
+    def __init__(self, num_examples: int, batch_size: int, seed: int):
+        self.num_examples = num_examples
+        self.batch_size = batch_size
+        self.seed = seed
+        self.per_epoch = num_examples // batch_size
+        if self.per_epoch == 0:
+            raise DataError(f"batch size {batch_size} exceeds the dataset size {num_examples}")
+
+    @functools.lru_cache(maxsize=2)  # noqa: B019 (the current epoch and the next)
+    def permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
+
+    def __call__(self, step: int) -> np.ndarray:
+        epoch, i = divmod(int(step), self.per_epoch)
+        return self.permutation(epoch)[i * self.batch_size : (i + 1) * self.batch_size]
+
+
 def batch_indices(step: int, batch_size: int, num_examples: int, seed: int) -> np.ndarray:
-    """The example indices of batch `step`: a fresh permutation every epoch, a pure function of
-    (seed, epoch), so a resumed run sees exactly the batches an uninterrupted one would."""
-    per_epoch = num_examples // batch_size
-    if per_epoch == 0:
-        raise DataError(f"batch size {batch_size} exceeds the dataset size {num_examples}")
-    epoch, i = divmod(step, per_epoch)
-    order = np.random.default_rng([seed, epoch]).permutation(num_examples)
-    return order[i * batch_size : (i + 1) * batch_size]
+    """The example indices of batch `step` (see EpochOrder): a pure function of (seed, step),
+    so a resumed run sees exactly the batches an uninterrupted one would."""
+    return EpochOrder(num_examples, batch_size, seed)(step)

@@ -20,7 +20,8 @@ class RecipeError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    # A named SiT (SiT-{S,B,L,XL}/{2,4,8}); the optional fields below override its shape.
+    # A named SiT (SiT-{S,B,L,XL}/{2,4,8}) or DiT (DiT-XL/2: the same network with a learned
+    # variance, for loss.objective "ddpm"); the optional fields below override its shape.
     arch: str = "SiT-XL/2"
     depth: int | None = None
     hidden_size: int | None = None
@@ -45,6 +46,10 @@ class EncoderSpec:
 
 @dataclasses.dataclass(frozen=True)
 class LossSpec:
+    # "interpolant": SiT's velocity loss on the `path` interpolant, t drawn per `weighting`.
+    # "ddpm": DiT's loss (1000 steps, linear betas; noise MSE + the variational bound on
+    # the learned variance); path and weighting do not apply. REPA adds to either.
+    objective: Literal["interpolant", "ddpm"] = "interpolant"
     path: Literal["linear", "cosine"] = "linear"
     weighting: Literal["uniform", "lognormal"] = "uniform"
     proj_coeff: float = 0.5
@@ -68,8 +73,14 @@ class DataSpec:
     dataset: Literal["mnist-5k", "imagenet-latents"] = "imagenet-latents"
     path: str | None = None
     batch_size: int = 256
-    # Compute the encoders' target features once per dataset and cache them.
+    # Compute the encoders' target features once per dataset and cache them (mnist-5k).
     precompute_features: bool = False
+    # The VAE that decodes latents for the periodic sample grids (imagenet-latents); the paper
+    # encodes with sd-vae-ft-mse and decodes for evaluation with sd-vae-ft-ema.
+    vae: str = "stabilityai/sd-vae-ft-ema"
+    # grain: host threads loading batches, and how many batches they keep ready.
+    num_threads: int = 2
+    prefetch: int = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +91,8 @@ class TrainSpec:
     log_every: int = 50
     checkpoint_every: int = 50_000
     keep_checkpoints: int = 3
+    # Also keep, for good, every checkpoint whose step is a multiple of this (0: none).
+    keep_every: int = 0
     sample_every: int = 10_000
     sample_steps: int = 50
     # Classifier-free guidance scale for the periodic grids (1.0: none).
@@ -111,6 +124,16 @@ class EvalSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class MeshSpec:
+    # The device mesh: the batch is split over data x fsdp devices; with fsdp > 1 the
+    # parameters, EMA and optimiser state are split over fsdp devices too. data = -1: every
+    # device that fsdp leaves. Arrays under fsdp_min_size elements stay replicated.
+    data: int = -1
+    fsdp: int = 1
+    fsdp_min_size: int = 16384
+
+
+@dataclasses.dataclass(frozen=True)
 class OutputSpec:
     dir: str = "runs/default"
     tensorboard: bool = False
@@ -127,6 +150,7 @@ class Recipe:
     data: DataSpec = DataSpec()
     train: TrainSpec = TrainSpec()
     eval: EvalSpec = EvalSpec()
+    mesh: MeshSpec = MeshSpec()
     output: OutputSpec = OutputSpec()
 
 
@@ -201,18 +225,31 @@ def _check(recipe: Recipe) -> None:
         "train.checkpoint_every": recipe.train.checkpoint_every,
         "train.sample_every": recipe.train.sample_every,
         "train.keep_checkpoints": recipe.train.keep_checkpoints,
+        "data.num_threads": recipe.data.num_threads,
+        "mesh.fsdp": recipe.mesh.fsdp,
     }
     for key, value in positive.items():
         if value <= 0:
             raise RecipeError(f"recipe key '{key}' must be positive, got {value}")
     if recipe.eval.every < 0 or recipe.eval.num_samples <= 0 or recipe.eval.num_real < 10:
         raise RecipeError("recipe section 'eval': every >= 0, num_samples > 0, num_real >= 10")
+    if recipe.train.keep_every < 0 or recipe.data.prefetch < 0:
+        raise RecipeError("recipe keys 'train.keep_every' and 'data.prefetch' must be >= 0")
+    if recipe.mesh.data < 1 and recipe.mesh.data != -1:
+        raise RecipeError(f"recipe key 'mesh.data' must be >= 1 or -1, got {recipe.mesh.data}")
     if not 0 <= recipe.eval.t <= 1:
         raise RecipeError("recipe key 'eval.t' must be in [0, 1]")
     if not 0 <= recipe.model.class_dropout_prob < 1:
         raise RecipeError("recipe key 'model.class_dropout_prob' must be in [0, 1)")
     if not 0 <= recipe.optim.ema_decay <= 1:
         raise RecipeError("recipe key 'optim.ema_decay' must be in [0, 1]")
+    dit = recipe.model.arch.startswith("DiT-")
+    if dit != (recipe.loss.objective == "ddpm"):
+        raise RecipeError(
+            f"recipe key 'loss.objective': {recipe.loss.objective!r} does not train "
+            f"{recipe.model.arch!r}: a DiT-* arch (learned variance) goes with 'ddpm', a SiT-* "
+            "arch with 'interpolant'"
+        )
     if recipe.data.dataset == "imagenet-latents" and not recipe.data.path:
         raise RecipeError("recipe key 'data.path' is required for dataset 'imagenet-latents'")
 

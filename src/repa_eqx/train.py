@@ -6,6 +6,7 @@ logs, checkpoints and draws sample grids.
 """
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,17 +18,29 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from . import interpolants
+from . import diffusion, interpolants
 from .checkpoint import Checkpointer
-from .data import ImageDataset, batch_indices, from_model_space, load_mnist_5k, to_model_space
+from .data import ImageDataset, from_model_space, load_mnist_5k
 from .encoders import TargetEncoder, load_encoders, precompute_features
 from .generate import SamplerSpec, example_inputs, sample_jit
 from .images import save_grid
 from .losses import denoising_loss, repa_loss, total_loss
 from .metrics_log import MetricsLog, plot_eval, plot_metrics
 from .model import REPAModel
+from .parallel import (
+    batch_sharding,
+    check_batch,
+    describe,
+    global_batch,
+    make_mesh,
+    place,
+    replicated,
+    state_shardings,
+)
+from .pipeline import Batches, LatentSource, PixelSource, Source, batch_dataset
 from .recipe import Recipe, RecipeError, dump_recipe, load_recipe, recipe_to_dict
 from .sit import SiTConfig
+from .vae import latents_to_uint8, to_latents
 
 
 class TrainingDiverged(RuntimeError):
@@ -95,6 +108,24 @@ def _cast(tree, dtype):
     return jax.tree.map(lambda a: a.astype(dtype) if eqx.is_inexact_array(a) else a, tree)
 
 
+def _predict(model: REPAModel, x_t, t, y, key: PRNGKeyArray, compute_dtype):
+    """The model on a noisy batch, each example with its own label-dropout key. bf16 compute
+    keeps fp32 master weights: the cast is part of the differentiated function."""
+    run = _cast(model, compute_dtype)
+    keys = jax.random.split(key, x_t.shape[0])
+    return jax.vmap(lambda xi, ti, yi, ki: run(xi, ti, yi, key=ki))(
+        x_t.astype(compute_dtype), t, y, keys
+    )
+
+
+def _with_alignment(denoise, projected, targets, proj_coeff: float, aux: dict):
+    """denoising + lambda * REPA, and the parts."""
+    align = repa_loss(projected, targets) if targets else None
+    if align is not None:
+        aux["repa_loss"] = align
+    return total_loss(denoise, align, proj_coeff), {"denoise_loss": denoise, **aux}
+
+
 def repa_objective(
     model: REPAModel,
     x: Float[Array, "batch c h w"],
@@ -107,24 +138,38 @@ def repa_objective(
     proj_coeff: float,
     compute_dtype=jnp.float32,
 ) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
-    """Total REPA loss for one batch (and its parts). bf16 compute keeps fp32 master weights:
-    the cast is part of the differentiated function."""
+    """Total REPA loss for one batch (and its parts), SiT's interpolant objective."""
     k_t, k_noise, k_drop = jax.random.split(key, 3)
-    batch = x.shape[0]
-    t = interpolants.sample_t(k_t, (batch,), path, weighting)
+    t = interpolants.sample_t(k_t, (x.shape[0],), path, weighting)
     noise = jax.random.normal(k_noise, x.shape)
     x_t, v_target = interpolants.interpolate(path, x, noise, t)
-    run = _cast(model, compute_dtype)
-    v_pred, projected = jax.vmap(lambda xi, ti, yi, ki: run(xi, ti, yi, key=ki))(
-        x_t.astype(compute_dtype), t.astype(compute_dtype), y, jax.random.split(k_drop, batch)
-    )
-    denoise = denoising_loss(v_pred, v_target)
-    align = repa_loss(projected, targets) if targets else None
-    loss = total_loss(denoise, align, proj_coeff)
-    aux = {"denoise_loss": denoise}
-    if align is not None:
-        aux["repa_loss"] = align
-    return loss, aux
+    v_pred, projected = _predict(model, x_t, t.astype(compute_dtype), y, k_drop, compute_dtype)
+    return _with_alignment(denoising_loss(v_pred, v_target), projected, targets, proj_coeff, {})
+
+
+def ddpm_objective(
+    model: REPAModel,
+    x: Float[Array, "batch c h w"],
+    y: Int[Array, " batch"],
+    targets: Sequence[Float[Array, "batch tokens dim"]],
+    key: PRNGKeyArray,
+    *,
+    proj_coeff: float,
+    compute_dtype=jnp.float32,
+) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
+    """Total REPA loss for one batch (and its parts), DiT's objective: a step k uniform in
+    0..999, the noise MSE plus the variational bound on the learned variance
+    (`diffusion.training_losses`), batch means. The step reaches the network as a float32
+    integer (bf16 cannot hold 0..999 exactly)."""
+    k_t, k_noise, k_drop = jax.random.split(key, 3)
+    schedule = diffusion.Schedule.linear()
+    k = jax.random.randint(k_t, (x.shape[0],), 0, len(schedule))
+    noise = jax.random.normal(k_noise, x.shape)
+    x_k = diffusion.q_sample(schedule, x, k, noise)
+    out, projected = _predict(model, x_k, k.astype(jnp.float32), y, k_drop, compute_dtype)
+    mse, vb = diffusion.training_losses(schedule, out, x, x_k, k, noise)
+    aux = {"mse_loss": mse.mean(), "vb_loss": vb.mean()}
+    return _with_alignment((mse + vb).mean(), projected, targets, proj_coeff, aux)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,17 +179,33 @@ class StepConfig:
     proj_coeff: float
     ema_decay: float
     precision: str
+    # imagenet-latents: z = (mean + std * eps) * latent_scale, sampled in the step.
+    latent_scale: float = 0.18215
+    objective: str = "interpolant"  # or "ddpm" (recipe key loss.objective)
+
+    def objective_fn(self) -> Callable:
+        """`(model, x, y, targets, key, *, proj_coeff, compute_dtype) -> (loss, parts)`."""
+        if self.objective == "ddpm":
+            return ddpm_objective
+        return functools.partial(repa_objective, path=self.path, weighting=self.weighting)
 
 
 def make_train_step(
-    optimizer: optax.GradientTransformation, step_cfg: StepConfig, static_state, static_enc
+    optimizer: optax.GradientTransformation,
+    step_cfg: StepConfig,
+    static_state,
+    static_enc,
+    shardings: tuple | None = None,
 ) -> Callable:
     """A jitted `(state_arrays, batch, encoder_arrays) -> (state_arrays, metrics)`.
 
-    The state's buffers are donated. `batch` holds `x` and `y`, plus either `features` (a tuple,
-    one array per encoder, precomputed) or `image` (uint8, for the frozen encoders in-step).
+    The state's buffers are donated. `batch` holds `y` and either `x` (the model's input) or
+    `moments` (SD-VAE posterior mean and std, sampled here on device), plus either `features`
+    (a tuple, one array per encoder, precomputed) or `image` (uint8, for the frozen encoders
+    in-step). `shardings` = (state, batch, replicated) places everything on a mesh.
     """
     compute_dtype = jnp.bfloat16 if step_cfg.precision == "bf16" else jnp.float32
+    objective = step_cfg.objective_fn()
 
     def step(state_arrays, batch, encoder_arrays):
         state: TrainState = eqx.combine(state_arrays, static_state)
@@ -154,17 +215,22 @@ def make_train_step(
             encoders = eqx.combine(encoder_arrays, static_enc)
             targets = tuple(jax.lax.stop_gradient(e(batch["image"])) for e in encoders)
         key, step_key = jax.random.split(state.key)
+        if "moments" in batch:
+            mean, std = jnp.split(batch["moments"], 2, axis=1)
+            x = to_latents(
+                mean, std, key=jax.random.fold_in(step_key, 1), scale=step_cfg.latent_scale
+            )
+        else:
+            x = batch["x"]
         params, static_model = eqx.partition(state.model, eqx.is_inexact_array)
 
         def loss_fn(p):
-            return repa_objective(
+            return objective(
                 eqx.combine(p, static_model),
-                batch["x"],
+                x,
                 batch["y"],
                 targets,
                 step_key,
-                path=step_cfg.path,
-                weighting=step_cfg.weighting,
                 proj_coeff=step_cfg.proj_coeff,
                 compute_dtype=compute_dtype,
             )
@@ -185,7 +251,15 @@ def make_train_step(
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
         return eqx.filter(new_state, eqx.is_array), metrics
 
-    return jax.jit(step, donate_argnums=0)
+    if shardings is None:
+        return jax.jit(step, donate_argnums=0)
+    state_sh, batch_sh, replicated = shardings
+    return jax.jit(
+        step,
+        in_shardings=(state_sh, batch_sh, replicated),
+        out_shardings=(state_sh, replicated),
+        donate_argnums=0,
+    )
 
 
 @dataclasses.dataclass
@@ -195,13 +269,51 @@ class TrainResult:
     last: dict[str, float]
 
 
-def _load_dataset(recipe: Recipe) -> ImageDataset:
-    if recipe.data.dataset == "mnist-5k":
-        return load_mnist_5k(recipe.model.input_size)
-    raise RecipeError(
-        f"recipe key 'data.dataset': {recipe.data.dataset!r} needs preprocessed ImageNet latents "
-        "and the SD-VAE, which this version cannot read yet (only 'mnist-5k' trains today)"
-    )
+@dataclasses.dataclass
+class TrainData:
+    source: Source
+    num_classes: int
+    dataset: ImageDataset | None  # pixel datasets (in memory)
+    features: tuple[np.ndarray, ...] | None  # cached target features
+    latent_scale: float
+
+
+def _load_data(
+    recipe: Recipe,
+    encoders: Sequence[TargetEncoder],
+    config: SiTConfig,
+    *,
+    in_step: bool,
+    progress,
+    console,
+) -> TrainData:
+    """The training data; with `in_step` False the encoders serve evaluation only (their
+    cached features go to the Monitor, not into the batches)."""
+    d = recipe.data
+    if d.dataset == "mnist-5k":
+        dataset = load_mnist_5k(recipe.model.input_size)
+        features = None
+        if encoders and d.precompute_features:
+            features = precompute_features(encoders, dataset, progress=progress, console=console)
+        source = PixelSource(
+            dataset,
+            keep_image=bool(encoders) and in_step,
+            features=features if in_step else None,
+        )
+        return TrainData(source, dataset.num_classes, dataset, features, 1.0)
+    if d.precompute_features:
+        raise RecipeError("recipe key 'data.precompute_features' is for mnist-5k only")
+    if recipe.eval.every:
+        raise RecipeError("recipe key 'eval.every': in-training evaluation needs mnist-5k")
+    source = LatentSource(d.path, keep_image=bool(encoders) and in_step)
+    expected = (config.in_channels, config.input_size, config.input_size)
+    if source.latent_shape != expected:
+        raise RecipeError(
+            f"recipe section 'model': in_channels/input_size {expected} do not match the "
+            f"latents {source.latent_shape} in {d.path}"
+        )
+    scale = float(source.manifest.get("latent_scale", 0.18215))
+    return TrainData(source, source.num_classes, None, None, scale)
 
 
 def _flat_keys(table: dict, prefix: str = "") -> dict:
@@ -248,11 +360,13 @@ def train(
     stop_after: int | None = None,
     console=None,
 ) -> TrainResult:
-    """Train per `recipe`; outputs go to `recipe.output.dir`. `stop_after` ends the loop early
-    (after that many steps of this call) as if interrupted, for tests."""
+    """Train per `recipe` on every device (the recipe's mesh); outputs go to
+    `recipe.output.dir`. `stop_after` ends the loop early (after that many steps of this call)
+    as if interrupted, for tests."""
     from rich.console import Console
 
     console = console or Console(stderr=True)
+    lead = jax.process_index() == 0  # writes logs, plots and grids; every process checkpoints
     run_dir = Path(recipe.output.dir)
     ckpt_dir = run_dir / "checkpoints"
     if not resume and ckpt_dir.exists() and any(ckpt_dir.iterdir()):
@@ -262,18 +376,28 @@ def train(
         )
     if resume:
         _check_saved_recipe(run_dir, recipe)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "recipe.toml").write_text(dump_recipe(recipe))
+    mesh = make_mesh(recipe.mesh.data, recipe.mesh.fsdp)
+    check_batch(recipe.data.batch_size, mesh)
+    if lead:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "recipe.toml").write_text(dump_recipe(recipe))
 
-    dataset = _load_dataset(recipe)
-    config = sit_config(recipe, num_classes=dataset.num_classes)
+    config = sit_config(recipe)
     use_repa = bool(recipe.encoders) and recipe.loss.proj_coeff != 0
-    encoders: tuple[TargetEncoder, ...] = (
-        load_encoders(recipe.encoders, grid=config.grid_size) if use_repa else ()
+    # With lambda = 0 the encoders are loaded only when the evaluation scores CKNNA against
+    # them: a vanilla baseline measured exactly like its REPA twin.
+    eval_only = (
+        not use_repa
+        and bool(recipe.encoders)
+        and bool(recipe.eval.every)
+        and "cknna" in recipe.eval.metrics
     )
-    features = None
-    if encoders and recipe.data.precompute_features:
-        features = precompute_features(encoders, dataset, progress=progress, console=console)
+    loaded: tuple[TargetEncoder, ...] = (
+        load_encoders(recipe.encoders, grid=config.grid_size) if use_repa or eval_only else ()
+    )
+    encoders = loaded if use_repa else ()  # the ones the training step uses
+    data = _load_data(recipe, loaded, config, in_step=use_repa, progress=progress, console=console)
+    config = sit_config(recipe, num_classes=data.num_classes)
 
     monitor = None
     if recipe.eval.every:
@@ -282,9 +406,9 @@ def train(
         console.print("evaluation: preparing the reference features")
         monitor = Monitor(
             recipe,
-            dataset,
-            target_features=features[0] if features else None,
-            encoder=encoders[0] if encoders else None,
+            data.dataset,
+            target_features=data.features[0] if data.features else None,
+            encoder=loaded[0] if loaded else None,
             progress=progress,
         )
 
@@ -296,49 +420,87 @@ def train(
         optimizer,
         recipe.train.seed,
     )
-    checkpointer = Checkpointer(ckpt_dir, keep=recipe.train.keep_checkpoints)
-    metrics_log = MetricsLog(run_dir, tensorboard=recipe.output.tensorboard)
-    start = 0
-    if resume and checkpointer.latest_step() is not None:
-        start = checkpointer.latest_step()
-        state, _ = checkpointer.restore(start, state)
+    state_sh = state_shardings(state, mesh, recipe.mesh.fsdp_min_size)
+    batch_sh, repl = batch_sharding(mesh), replicated(mesh)
+    checkpointer = Checkpointer(
+        ckpt_dir, keep=recipe.train.keep_checkpoints, keep_every=recipe.train.keep_every
+    )
+    start, data_state = 0, None
+    restored = None
+    if resume:
+        restored = checkpointer.restore_latest(
+            state, state_sh, report=lambda m: console.print(f"[yellow]{m}")
+        )
+    if restored is not None:
+        start, state, meta = restored
+        data_state = meta.get("data")
         console.print(f"resumed {run_dir} from step {start}")
+    console.print(describe(mesh, recipe.data.batch_size))
 
-    metrics_log.truncate_after(start)  # lines logged after the checkpoint we start from
+    metrics_log = MetricsLog(run_dir, tensorboard=recipe.output.tensorboard and lead)
+    if lead:
+        metrics_log.truncate_after(start)  # lines logged after the checkpoint we start from
     state_arrays, static_state = eqx.partition(state, eqx.is_array)
+    state_arrays = place(state_arrays, state_sh)
     enc_arrays, static_enc = eqx.partition(encoders, eqx.is_array)
+    enc_arrays = place(enc_arrays, repl)
     step_cfg = StepConfig(
         recipe.loss.path,
         recipe.loss.weighting,
         recipe.loss.proj_coeff if encoders else 0.0,
         recipe.optim.ema_decay,
         recipe.train.precision,
+        latent_scale=data.latent_scale,
+        objective=recipe.loss.objective,
     )
-    step_fn = make_train_step(optimizer, step_cfg, static_state, static_enc)
-
-    def get_batch(step: int) -> dict:
-        idx = batch_indices(step, recipe.data.batch_size, len(dataset), recipe.train.seed)
-        batch = {"x": to_model_space(dataset.images[idx]), "y": dataset.labels[idx]}
-        if features is not None:
-            batch["features"] = tuple(f[idx] for f in features)
-        elif encoders:
-            batch["image"] = dataset.images[idx]
-        return batch
+    step_fn = make_train_step(
+        optimizer, step_cfg, static_state, static_enc, shardings=(state_sh, batch_sh, repl)
+    )
+    batches = Batches(
+        batch_dataset(
+            data.source,
+            batch_size=recipe.data.batch_size,
+            seed=recipe.train.seed,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        ),
+        start,
+        threads=recipe.data.num_threads,
+        prefetch=recipe.data.prefetch,
+        place=lambda host: global_batch(host, batch_sh),
+    )
+    if data_state is not None:
+        if int(data_state.get("next_index", -1)) != start:
+            raise RecipeError(
+                f"checkpoint {start}: its data iterator state {data_state} does not match its step"
+            )
+        batches.restore(data_state)
 
     saved = [start]
 
     def save(step: int, arrays) -> None:
         if step != saved[-1]:
-            checkpointer.save(step, eqx.combine(arrays, static_state), {"step": step})
+            meta = {"step": step, "data": batches.state()}
+            checkpointer.save(step, eqx.combine(arrays, static_state), meta)
             saved.append(step)
 
     grid_sampler = SamplerSpec(
-        "ode",
+        "ddpm" if recipe.loss.objective == "ddpm" else "ode",
         recipe.train.sample_steps,
         cfg_scale=recipe.train.sample_cfg,
         path=recipe.loss.path,
     )
     noise_shape = (config.in_channels, config.input_size, config.input_size)
+    decoder = []  # the VAE, loaded at the first grid of a latent-space run
+
+    def to_images(x) -> np.ndarray:
+        if data.dataset is not None:
+            return from_model_space(x)
+        if not decoder:
+            from .vae import load_vae
+
+            decoder.append(load_vae(recipe.data.vae))
+        return np.asarray(latents_to_uint8(decoder[0], x)).transpose(0, 3, 1, 2)
 
     def draw(step: int, arrays) -> None:
         ema = eqx.combine(arrays, static_state).ema
@@ -346,10 +508,13 @@ def train(
         labels = jnp.arange(n) % config.num_classes
         # The same noise every time, so the grids of successive steps are comparable.
         noise, keys = example_inputs(recipe.train.seed + 1, jnp.arange(n), noise_shape)
-        images = from_model_space(sample_jit(ema.sit, grid_sampler, noise, labels, keys))
+        images = to_images(sample_jit(ema.sit, grid_sampler, noise, labels, keys))
+        if not lead:  # every process samples (the weights may be split over hosts)
+            return
         nrow = config.num_classes if config.num_classes <= 16 else 8
-        save_grid(images, run_dir / "samples" / f"step_{step:07d}.png", nrow=nrow, scale=2)
-        save_grid(images, run_dir / "samples.png", nrow=nrow, scale=2)
+        scale = max(1, 64 // images.shape[-1])
+        save_grid(images, run_dir / "samples" / f"step_{step:07d}.png", nrow=nrow, scale=scale)
+        save_grid(images, run_dir / "samples.png", nrow=nrow, scale=scale)
 
     total = recipe.train.steps
     end = total if stop_after is None else min(total, start + stop_after)
@@ -371,21 +536,20 @@ def train(
         TimeRemainingColumn(),
         TextColumn("{task.fields[info]}"),
     ]
-    bar = Progress(*columns, console=console, disable=not progress, refresh_per_second=4)
+    bar = Progress(*columns, console=console, disable=not (progress and lead), refresh_per_second=4)
     t_last, step_last = time.perf_counter(), start
     completed = start
     try:
         with bar:
             task = bar.add_task("train", total=total, completed=start, rate="", info="")
-            next_batch = get_batch(start) if start < end else None
             for step in range(start, end):
-                state_arrays, metrics = step_fn(state_arrays, next_batch, enc_arrays)
+                batch = next(batches)
+                state_arrays, metrics = step_fn(state_arrays, batch, enc_arrays)
                 completed = done = step + 1
-                if done < end:
-                    next_batch = get_batch(done)  # host work overlaps the async device step
                 if done % recipe.train.log_every == 0 or done == end:
                     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     if not all(np.isfinite(v) for v in values.values()):
+                        checkpointer.wait()
                         last_ckpt = checkpointer.latest_step()
                         raise TrainingDiverged(
                             f"non-finite loss at step {done} ({values}); last good checkpoint: "
@@ -396,7 +560,8 @@ def train(
                     t_last, step_last = now, done
                     values["steps_per_s"] = rate
                     values["images_per_s"] = rate * recipe.data.batch_size
-                    metrics_log.write(done, values)
+                    if lead:
+                        metrics_log.write(done, values)
                     last = values
                     info = f"loss {values['loss']:.4f}"
                     if "repa_loss" in values:
@@ -407,12 +572,14 @@ def train(
                     save(done, state_arrays)
                 if done % recipe.train.sample_every == 0 or done == total:
                     draw(done, state_arrays)
-                    plot_metrics(metrics_log.path, run_dir / "loss.png")
+                    if lead:
+                        plot_metrics(metrics_log.path, run_dir / "loss.png")
                 if monitor and (done % recipe.eval.every == 0 or done == total):
                     ema = eqx.combine(state_arrays, static_state).ema
                     scores = monitor(ema.sit, done)
-                    metrics_log.write(done, scores)
-                    plot_eval(metrics_log.path, run_dir / "eval.png")
+                    if lead:
+                        metrics_log.write(done, scores)
+                        plot_eval(metrics_log.path, run_dir / "eval.png")
                     bar.console.print(
                         f"eval @ {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items())
                     )
@@ -429,6 +596,6 @@ def train(
     checkpointer.wait()
     checkpointer.close()
     metrics_log.close()
-    if metrics_log.path.exists():
+    if lead and metrics_log.path.exists():
         plot_metrics(metrics_log.path, run_dir / "loss.png")
     return TrainResult(run_dir, end, last)
