@@ -19,3 +19,7 @@ bench *ARGS:
 lint:
     ruff check src cli tests benchmarks
     ruff format --check src cli tests benchmarks
+
+# The REPA effect on MNIST: vanilla SiT vs SiT + REPA, same seed and budget (docs/results/).
+study *ARGS:
+    python benchmarks/study.py {{ARGS}}
