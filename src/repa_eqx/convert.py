@@ -46,10 +46,14 @@ FAMILIES: dict[str, _Family] = {
         dinov2.Dinov2Config, lambda c: dinov2.Dinov2(c, key=jax.random.key(0)), dinov2.load_dinov2
     ),
     "clip-vision": _Family(
-        clip.ClipVisionConfig, lambda c: clip.ClipVision(c, key=jax.random.key(0)), clip.load_clip_vision
+        clip.ClipVisionConfig,
+        lambda c: clip.ClipVision(c, key=jax.random.key(0)),
+        clip.load_clip_vision,
     ),
     "vit-mae": _Family(mae.MaeConfig, lambda c: mae.Mae(c, key=jax.random.key(0)), mae.load_mae),
-    "sd-vae": _Family(vae.VAEConfig, lambda c: vae.AutoencoderKL(c, key=jax.random.key(0)), vae.load_vae),
+    "sd-vae": _Family(
+        vae.VAEConfig, lambda c: vae.AutoencoderKL(c, key=jax.random.key(0)), vae.load_vae
+    ),
 }
 _BY_MODEL_TYPE = {
     "dinov2": "dinov2",
@@ -223,7 +227,9 @@ def load_converted(folder: str | Path) -> eqx.Module:
         from .official import official_config
 
         config, z_dims, projector_dim = official_config(header["config"])
-        skeleton = eqx.filter_eval_shape(REPAModel, config, z_dims, projector_dim, key=jax.random.key(0))
+        skeleton = eqx.filter_eval_shape(
+            REPAModel, config, z_dims, projector_dim, key=jax.random.key(0)
+        )
     else:
         config = _config_from_json(FAMILIES[family].config_cls, header["config"])
         skeleton = eqx.filter_eval_shape(FAMILIES[family].build, config)
