@@ -102,7 +102,6 @@ def test_report_records_how_it_ran(tmp_path):
     log = {
         "command": "python benchmarks/study.py --steps 1000",
         "commit": "abc1234",
-        "cknna_seconds": 60.0,
         "runs": {
             "vanilla": {"sets": ["train.steps=1000"], "sessions": [session]},
             "repa": {"sets": ["train.steps=1000"], "sessions": [session]},
@@ -114,4 +113,17 @@ def test_report_records_how_it_ran(tmp_path):
     assert "    repa train recipes/study_repa.toml --set train.steps=1000" in text
     assert "- machine: Test CPU, 2 cores available, jax 0.0 (cpu), Python 3.11" in text
     assert "- SiT + REPA: 10.0 min wall: steps 0-1000 in 10.0 min" in text
-    assert "- in all: 21.0 min" in text
+    assert "- in all: 20.0 min" in text
+
+
+def test_alignment_section_compares_the_projector_with_image_blind_predictors(tmp_path):
+    (tmp_path / "repa").mkdir()
+    rows = [{"step": s, "repa_loss": -0.9 - s / 1e4} for s in range(100, 1100, 100)]
+    (tmp_path / "repa/metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    log = {"teacher": {"constant": 0.5, "position": 0.7, "class_position": 0.8}}
+    text = "\n".join(study.alignment_section(log, tmp_path))
+    assert "| the mean of its position within its class" in text and "| 0.800 |" in text
+    # the last 5 logs: cosine 0.96 ... 1.0, mean 0.98; (0.98 - 0.8) / (1 - 0.8) = 90%
+    assert "| 0.980 |" in text and "closes 90% of the gap" in text
+    assert study.alignment_section({}, tmp_path) == []
+
