@@ -4,6 +4,9 @@ classes, 256 tokens) with one projector to 768-d targets (DINOv2-B features), in
 
     python benchmarks/bench_train_step.py --models S/2,B/2 --precisions fp32,bf16 --steps 3
 
+SiT-XL/2 (`--compile-only`, default XL/2) is only lowered and compiled, on abstract weights:
+its compile time, without the 10+ GB of weights and Adam state a CPU step would need.
+
 The step is the library's own (`repa_eqx.train.make_train_step`); the target features are
 precomputed random arrays, so no encoder runs inside the step.
 
@@ -95,6 +98,24 @@ def lower_step(config: SiTConfig, step_cfg: StepConfig, batch: dict):
     start = time.perf_counter()
     lowered = step_fn.lower(state_arrays, batch, enc_arrays)
     return state_arrays, enc_arrays, lowered, time.perf_counter() - start
+
+
+def compile_seconds(model: str, precision: str, batch_size: int) -> tuple[float, float]:
+    """(lower s, compile s) of the step for an abstract state and batch (`eval_shape`): no
+    weights are allocated, so this measures models too big to run here, such as SiT-XL/2."""
+    config = imagenet_config(model)
+    optimizer = make_optimizer(Recipe())
+    state = eqx.filter_eval_shape(init_state, config, [TARGET_DIM], PROJECTOR_DIM, optimizer, 0)
+    is_struct = lambda x: isinstance(x, jax.ShapeDtypeStruct)  # noqa: E731
+    state_arrays, static_state = eqx.partition(state, is_struct)
+    enc_arrays, static_enc = eqx.partition((), eqx.is_array)
+    step_fn = make_train_step(optimizer, step_config(precision), static_state, static_enc)
+    batch = jax.eval_shape(lambda: make_batch(batch_size, config.num_tokens))
+    start = time.perf_counter()
+    lowered = step_fn.lower(state_arrays, batch, enc_arrays)
+    middle = time.perf_counter()
+    lowered.compile()
+    return middle - start, time.perf_counter() - middle
 
 
 def model_flops(config: SiTConfig, step_cfg: StepConfig, batch: dict) -> float:
@@ -260,6 +281,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps after compiling")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser.add_argument(
+        "--compile-only",
+        default="XL/2",
+        help="comma-separated SiT sizes whose step is only compiled, on abstract weights "
+        "(for models too big to run here); '' for none",
+    )
     have_torch = importlib.util.find_spec("torch") is not None
     parser.add_argument(
         "--torch",
@@ -299,6 +326,12 @@ def main() -> None:
                 row.update(bench_torch(model, precision, args.batch, args.steps, args.warmup))
                 row["speedup_torch_over_ours"] = row["torch_step_s"] / row["step_s"]
                 log.print(f"  {row['torch_step_s']:.2f} s/step")
+    compiles = []
+    for model in [m.removeprefix("SiT-") for m in parse_list(args.compile_only)]:
+        for precision in precisions:
+            log.print(f"SiT-{model} {precision}: lowering and compiling only")
+            lower_s, compile_s = compile_seconds(model, precision, args.batch)
+            compiles.append((f"SiT-{model}", precision, lower_s, compile_s))
     peaks.append(measure_peak_gflops())
     peak = max(peaks)
     log.print(f"matmul GFLOP/s measured along the run: {', '.join(f'{p:.0f}' for p in peaks)}")
@@ -319,6 +352,11 @@ def main() -> None:
         f"compile s = lower + compile. {len(jax.devices())} {jax.default_backend()} device, "
         f"{os.cpu_count()} cores; total wall time {total_s:.0f} s."
     )
+    for name, precision, lower_s, compile_s in compiles:
+        console.print(
+            f"{name} {precision}, batch {args.batch}: lower {lower_s:.1f} s + compile "
+            f"{compile_s:.1f} s = {lower_s + compile_s:.1f} s (abstract weights, not run)"
+        )
     if args.torch:
         console.print(
             f"torch s/step: the same step in eager PyTorch {torch_info['torch']} "
@@ -339,6 +377,10 @@ def main() -> None:
             "total_wall_s": total_s,
             **torch_info,
             "rows": rows,
+            "compile_only": [
+                dict(zip(("model", "precision", "lower_s", "compile_s"), c, strict=True))
+                for c in compiles
+            ],
         }
         args.json.write_text(json.dumps(report, indent=2) + "\n")
         log.print(f"wrote {args.json}")
