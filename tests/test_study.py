@@ -126,4 +126,3 @@ def test_alignment_section_compares_the_projector_with_image_blind_predictors(tm
     # the last 5 logs: cosine 0.96 ... 1.0, mean 0.98; (0.98 - 0.8) / (1 - 0.8) = 90%
     assert "| 0.980 |" in text and "closes 90% of the gap" in text
     assert study.alignment_section({}, tmp_path) == []
-

@@ -23,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 from PIL import Image
 
+from ._progress import progress_bar
 from .diffusion import Schedule, ddim_sample, ddpm_sample
 from .images import save_grid
 from .interpolants import PathType
@@ -185,14 +186,6 @@ def generate(
     `arr_0` uint8 NHWC, plus `labels`). The batch is split over `devices` (default: all
     local devices), rounded up to a multiple of their number.
     """
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
     if len(labels) != num:
         raise ValueError(f"{len(labels)} labels for {num} samples")
     devices = list(devices or jax.local_devices())
@@ -204,15 +197,7 @@ def generate(
     shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
 
     images = []
-    columns = [
-        TextColumn("[bold]sample"),
-        BarColumn(bar_width=20),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-    ]
-    with Progress(*columns, console=console, disable=not progress) as bar:
+    with progress_bar("sample", console=console, disable=not progress, info=False) as bar:
         task = bar.add_task("sample", total=num, rate="")
         start = time.perf_counter()
         for lo in range(0, num, batch_size):

@@ -41,6 +41,7 @@ from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, UInt8
 from PIL import Image, UnidentifiedImageError
 
+from ._progress import progress_bar
 from .vae import AutoencoderKL, VAEConfig, load_vae
 
 FORMAT = "repa-eqx-latents"
@@ -342,27 +343,6 @@ def _write_shard(
     return record
 
 
-def _progress_bar(progress: bool, console):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    columns = [
-        TextColumn("[bold]preprocess"),
-        BarColumn(bar_width=20),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[info]}"),
-    ]
-    return Progress(*columns, console=console, disable=not progress, refresh_per_second=4)
-
-
 def preprocess(
     source: str | Path,
     out: str | Path,
@@ -448,7 +428,7 @@ def _run(
     work = [i for k in todo for i in range(k * size, min((k + 1) * size, n))]
     root, resolution = inputs.root, plan["resolution"]
     written, skipped = 0, []
-    bar = _progress_bar(progress, console)
+    bar = progress_bar("preprocess", console=console, disable=not progress)
     pool = ThreadPoolExecutor(threads)
     start = time.perf_counter()
     try:

@@ -19,6 +19,7 @@ import optax
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from . import diffusion, interpolants
+from ._progress import progress_bar
 from .checkpoint import Checkpointer
 from .data import ImageDataset, from_model_space, load_mnist_5k
 from .encoders import TargetEncoder, load_encoders, precompute_features
@@ -519,24 +520,7 @@ def train(
     total = recipe.train.steps
     end = total if stop_after is None else min(total, start + stop_after)
     last: dict[str, float] = {}
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    columns = [
-        TextColumn("[bold]train"),
-        BarColumn(bar_width=12),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[info]}"),
-    ]
-    bar = Progress(*columns, console=console, disable=not (progress and lead), refresh_per_second=4)
+    bar = progress_bar("train", console=console, disable=not (progress and lead), bar_width=12)
     t_last, step_last = time.perf_counter(), start
     completed = start
     try:
