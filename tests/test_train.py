@@ -143,6 +143,44 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert steps == [5, 10, 15, 20]
 
 
+def test_ctrl_c_mid_step_saves_a_consistent_checkpoint(tmp_path, monkeypatch):
+    """Ctrl-C after a batch was handed out but before its step ran: the saved data position is
+    the state's step, and the resumed run equals an uninterrupted one."""
+    import sys
+
+    train_module = sys.modules["repa_eqx.train"]  # the package exports a function `train`
+
+    straight = tiny_recipe(tmp_path / "straight", train={"steps": 12, "checkpoint_every": 12})
+    train(straight, progress=False)
+    real = train_module.make_train_step
+    calls = []
+
+    def interrupting(*args, **kwargs):
+        step = real(*args, **kwargs)
+
+        def wrapped(*a):
+            calls.append(1)
+            if len(calls) == 8:  # the 8th step's batch is out; the step never runs
+                raise KeyboardInterrupt
+            return step(*a)
+
+        return wrapped
+
+    split = tiny_recipe(tmp_path / "split", train={"steps": 12, "checkpoint_every": 12})
+    monkeypatch.setattr(train_module, "make_train_step", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        train(split, progress=False)
+    monkeypatch.setattr(train_module, "make_train_step", real)
+    ckpt = Checkpointer(tmp_path / "split/checkpoints")
+    assert ckpt.latest_step() == 7
+    ckpt.close()
+    train(split, progress=False, resume=True)
+    like = _like(straight, [])
+    a, b = flatten(_params(tmp_path / "straight", like)), flatten(_params(tmp_path / "split", like))
+    for name in a:
+        np.testing.assert_array_equal(np.asarray(a[name]), np.asarray(b[name]), name)
+
+
 def test_resume_refuses_a_changed_recipe(tmp_path):
     train(tiny_recipe(tmp_path / "r", train={"steps": 5}), progress=False)
     changed = tiny_recipe(tmp_path / "r", train={"steps": 10}, optim={"lr": 5e-4})

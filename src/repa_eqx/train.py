@@ -570,6 +570,9 @@ def train(
     except KeyboardInterrupt:
         # Keep the work done so far; --resume continues from here.
         if completed > start:
+            # The batch of the interrupted step was handed out already: rewind the data
+            # position to the state's step before saving both.
+            batches.restore({"next_index": completed})
             try:
                 save(completed, state_arrays)
             except Exception:  # buffers donated mid-step: the last periodic checkpoint remains
