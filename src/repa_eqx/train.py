@@ -109,12 +109,12 @@ def _cast(tree, dtype):
     return jax.tree.map(lambda a: a.astype(dtype) if eqx.is_inexact_array(a) else a, tree)
 
 
-def _predict(model: REPAModel, x_t, t, y, key: PRNGKeyArray, compute_dtype):
+def _predict(model: REPAModel, x_t, t, y, key: PRNGKeyArray, compute_dtype, remat: str):
     """The model on a noisy batch, each example with its own label-dropout key. bf16 compute
     keeps fp32 master weights: the cast is part of the differentiated function."""
     run = _cast(model, compute_dtype)
     keys = jax.random.split(key, x_t.shape[0])
-    return jax.vmap(lambda xi, ti, yi, ki: run(xi, ti, yi, key=ki))(
+    return jax.vmap(lambda xi, ti, yi, ki: run(xi, ti, yi, key=ki, remat=remat))(
         x_t.astype(compute_dtype), t, y, keys
     )
 
@@ -138,13 +138,16 @@ def repa_objective(
     weighting: interpolants.Weighting,
     proj_coeff: float,
     compute_dtype=jnp.float32,
+    remat: str = "none",
 ) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
     """Total REPA loss for one batch (and its parts), SiT's interpolant objective."""
     k_t, k_noise, k_drop = jax.random.split(key, 3)
     t = interpolants.sample_t(k_t, (x.shape[0],), path, weighting)
     noise = jax.random.normal(k_noise, x.shape)
     x_t, v_target = interpolants.interpolate(path, x, noise, t)
-    v_pred, projected = _predict(model, x_t, t.astype(compute_dtype), y, k_drop, compute_dtype)
+    v_pred, projected = _predict(
+        model, x_t, t.astype(compute_dtype), y, k_drop, compute_dtype, remat
+    )
     return _with_alignment(denoising_loss(v_pred, v_target), projected, targets, proj_coeff, {})
 
 
@@ -157,6 +160,7 @@ def ddpm_objective(
     *,
     proj_coeff: float,
     compute_dtype=jnp.float32,
+    remat: str = "none",
 ) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
     """Total REPA loss for one batch (and its parts), DiT's objective: a step k uniform in
     0..999, the noise MSE plus the variational bound on the learned variance
@@ -167,7 +171,7 @@ def ddpm_objective(
     k = jax.random.randint(k_t, (x.shape[0],), 0, len(schedule))
     noise = jax.random.normal(k_noise, x.shape)
     x_k = diffusion.q_sample(schedule, x, k, noise)
-    out, projected = _predict(model, x_k, k.astype(jnp.float32), y, k_drop, compute_dtype)
+    out, projected = _predict(model, x_k, k.astype(jnp.float32), y, k_drop, compute_dtype, remat)
     mse, vb = diffusion.training_losses(schedule, out, x, x_k, k, noise)
     aux = {"mse_loss": mse.mean(), "vb_loss": vb.mean()}
     return _with_alignment((mse + vb).mean(), projected, targets, proj_coeff, aux)
@@ -183,9 +187,10 @@ class StepConfig:
     # imagenet-latents: z = (mean + std * eps) * latent_scale, sampled in the step.
     latent_scale: float = 0.18215
     objective: str = "interpolant"  # or "ddpm" (recipe key loss.objective)
+    remat: str = "dots"  # what the SiT blocks keep for the backward pass (sit.REMAT_POLICIES)
 
     def objective_fn(self) -> Callable:
-        """`(model, x, y, targets, key, *, proj_coeff, compute_dtype) -> (loss, parts)`."""
+        """`(model, x, y, targets, key, *, proj_coeff, compute_dtype, remat) -> (loss, parts)`."""
         if self.objective == "ddpm":
             return ddpm_objective
         return functools.partial(repa_objective, path=self.path, weighting=self.weighting)
@@ -234,6 +239,7 @@ def make_train_step(
                 step_key,
                 proj_coeff=step_cfg.proj_coeff,
                 compute_dtype=compute_dtype,
+                remat=step_cfg.remat,
             )
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -341,6 +347,7 @@ def _check_saved_recipe(run_dir: Path, recipe: Recipe) -> None:
         "train.num_samples",
         "train.sample_steps",
         "train.sample_cfg",
+        "train.remat",
         "eval.",
         "output.",
     )
@@ -453,6 +460,7 @@ def train(
         recipe.train.precision,
         latent_scale=data.latent_scale,
         objective=recipe.loss.objective,
+        remat=recipe.train.remat,
     )
     step_fn = make_train_step(
         optimizer, step_cfg, static_state, static_enc, shardings=(state_sh, batch_sh, repl)
