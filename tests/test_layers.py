@@ -73,3 +73,15 @@ def test_bf16_products_are_bf16_with_f32_accumulation_and_one_weight_contraction
         assert eqn.outvars[0].aval.dtype == jnp.float32
     shapes = {tuple(e.outvars[0].aval.shape) for e in dots}
     assert (din, dout) in shapes and (batch, din, dout) not in shapes
+
+
+def test_bf16_gradient_without_vmap():
+    """The batching rule must not be needed: a bf16 dense differentiates unbatched too."""
+    low = jax.tree.map(lambda a: a.astype(jnp.bfloat16), _linear(8, 5))
+    x = jnp.ones((4, 8), jnp.bfloat16)
+    grads = jax.grad(lambda lin, x: jnp.sum(dense(lin, x).astype(jnp.float32)), argnums=(0, 1))(
+        low, x
+    )
+    # d/dx sum(x W^T + b) = column sums of W; d/dW = column sums of x (all ones here).
+    np.testing.assert_allclose(grads[1][0].astype(jnp.float32), low.weight.sum(0), rtol=1e-2)
+    np.testing.assert_array_equal(grads[0].weight, jnp.full((5, 8), 4.0, jnp.bfloat16))

@@ -45,8 +45,7 @@ def _lowp_matmul_fwd(x, w):
     return _lowp_matmul(x, w), (x, w)
 
 
-def _lowp_matmul_bwd(residuals, g):
-    x, w = residuals
+def _lowp_matmul_grads_impl(x, w, g):
     g = g.astype(x.dtype)
     dx = jnp.matmul(g, w.T, preferred_element_type=jnp.float32)
     # Every leading axis of x is summed over for the weight's gradient.
@@ -55,23 +54,30 @@ def _lowp_matmul_bwd(residuals, g):
     return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
-_lowp_matmul.defvjp(_lowp_matmul_fwd, _lowp_matmul_bwd)
-
-
 @jax.custom_batching.custom_vmap
-def _lowp_matmul_batchable(x: Array, w: Array) -> Array:
-    return _lowp_matmul(x, w)
+def _lowp_matmul_grads(x, w, g):
+    return _lowp_matmul_grads_impl(x, w, g)
 
 
-@_lowp_matmul_batchable.def_vmap
-def _lowp_matmul_vmap(axis_size, in_batched, x, w):
-    # The models run one example per call under jax.vmap. A vmapped x is just more leading
-    # axes, so the batched product is one call, and its weight gradient one contraction over
-    # the whole batch (a plain custom_vjp would be vmapped into one weight gradient per example).
-    x_batched, w_batched = in_batched
-    if w_batched:
-        return jax.vmap(_lowp_matmul, in_axes=(0 if x_batched else None, 0))(x, w), True
-    return _lowp_matmul(x, w), True
+@_lowp_matmul_grads.def_vmap
+def _lowp_matmul_grads_vmap(axis_size, in_batched, x, w, g):
+    # The models run one example per call under jax.vmap, so the backward pass is vmapped too.
+    # A vmapped x (and g) is just more leading axes: the weight gradient is then one
+    # contraction over the whole batch, returned unbatched, where a plainly vmapped backward
+    # would make one weight gradient per example and sum them.
+    x_batched, w_batched, g_batched = in_batched
+    if x_batched and g_batched and not w_batched:
+        return _lowp_matmul_grads_impl(x, w, g), (True, False)
+    axes = tuple(0 if b else None for b in in_batched)
+    return jax.vmap(_lowp_matmul_grads_impl, in_axes=axes)(x, w, g), (True, True)
+
+
+def _lowp_matmul_bwd(residuals, g):
+    x, w = residuals
+    return _lowp_matmul_grads(x, w, g)
+
+
+_lowp_matmul.defvjp(_lowp_matmul_fwd, _lowp_matmul_bwd)
 
 
 def dense(linear: eqx.nn.Linear, x: Float[Array, "*batch din"]) -> Float[Array, "*batch dout"]:
@@ -85,7 +91,7 @@ def dense(linear: eqx.nn.Linear, x: Float[Array, "*batch din"]) -> Float[Array, 
     if x.dtype == jnp.float32:
         y = x @ w
     else:
-        y = _lowp_matmul_batchable(x, w)
+        y = _lowp_matmul(x, w)
     if linear.bias is not None:
         y = y + linear.bias.astype(jnp.float32)
     return y.astype(x.dtype)
