@@ -152,7 +152,7 @@ class SiTBlock(eqx.Module):
 # What a block keeps for the backward pass (`jax.checkpoint` policies), per recipe key
 # `train.remat`. "none": every intermediate, JAX's default. "dots": only matmul outputs; the
 # layer norms, modulations, softmax and GELU are recomputed from them in the backward pass, so
-# far less memory is written and read for a little elementwise work (measured 10-15 % faster
+# far less memory is written and read for a little elementwise work (measured 8-12 % faster
 # training steps on CPU, where the step is memory-bound outside the matmuls). "full": only each
 # block's input; the whole block is recomputed (the least memory, about a third more FLOPs).
 REMAT_POLICIES = {
