@@ -19,7 +19,14 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from ._layers import dense, layer_norm, multihead_attention, normal_linear, xavier_linear
+from ._layers import (
+    dense,
+    lay_out_for_lowp,
+    layer_norm,
+    multihead_attention,
+    normal_linear,
+    xavier_linear,
+)
 
 # name -> (depth, hidden size, heads); REPA aligns after block 4 (S, B) or 8 (L, XL).
 SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
@@ -163,7 +170,9 @@ REMAT_POLICIES = {
 
 
 def _run_blocks(blocks: SiTBlock, x, c, remat: str = "none"):
-    params, static = eqx.partition(blocks, eqx.is_array)
+    # bf16 weights also travel laid out (in, out) for the forward products: transposed once
+    # here, outside the scan (a no-op in float32).
+    params, static = eqx.partition(lay_out_for_lowp(blocks), eqx.is_array)
 
     def block(x, block_params, c):
         return eqx.combine(block_params, static)(x, c)
