@@ -35,7 +35,8 @@ def normal_linear(
 # Low-precision products on CPU. XLA:CPU (YNNPACK) multiplies bf16 natively, with float32
 # accumulation, only when both operands are row-major in the "x (M, K) @ w (K, N)" sense:
 # measured 365-420 GFLOP/s on this project's Zen 4, against 145-200 when the weight is read
-# transposed (x @ W.T with W stored (out, in), the forward pass of every Linear) and 125-175 when
+# transposed (x @ W.T with a stored (out, in) W, e.g. sliced from the layer stack in a scan;
+# a W just cast from float32 is a fresh buffer XLA lays out itself) and 125-175 when
 # the contracted axis is the leading one of a 2-D operand (the weight gradient x.T @ g, which
 # XLA then computes in float32). So: the forward takes the weight already laid out (in, out)
 # where the caller can provide it (`lay_out_for_lowp`), the input gradient g @ W reads the
