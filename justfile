@@ -4,11 +4,11 @@
 quickstart:
     repa train recipes/quickstart.toml
 
-# The default test suite (what CI runs).
+# The default test suite: everything but the subprocess and multi-device tests.
 test *ARGS:
     pytest -q {{ARGS}}
 
-# Every test, the slow ones too.
+# Every test, the slow ones too (what CI runs).
 test-all *ARGS:
     pytest -q -m "slow or not slow" {{ARGS}}
 
@@ -16,9 +16,11 @@ test-all *ARGS:
 bench *ARGS:
     python benchmarks/bench_train_step.py {{ARGS}}
 
+# Style, and the architecture's import contracts (pyproject.toml, ARCHITECTURE.md).
 lint:
     ruff check src cli tests benchmarks
     ruff format --check src cli tests benchmarks
+    lint-imports
 
 # The REPA effect on MNIST: vanilla SiT vs SiT + REPA, same seed and budget (docs/results/).
 study *ARGS:

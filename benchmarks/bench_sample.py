@@ -1,6 +1,7 @@
 """Sampling speed: compile time, seconds per batch, images/s and model evaluations per second
 for a SiT at the ImageNet-256 latent shape (4x32x32, 1000 classes), random weights, through the
-library's own jitted sampler (`repa_eqx.generate.sample_jit`), with the reference's settings:
+library's own jitted sampler (`repa_eqx.sampling.samples.sample_jit`), with the reference's
+settings:
 
 - ode: Euler, 50 steps, CFG 1.8 on [0, 0.7] (the ODE headline of `generate.py`);
 - sde: Euler-Maruyama, 250 steps, CFG 1.8 on [0, 0.7] (the paper's FID-1.42 setting).
@@ -22,9 +23,9 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from repa_eqx.generate import SamplerSpec, example_inputs, sample_jit
-from repa_eqx.samplers import guided_steps, ode_times, sde_times
-from repa_eqx.sit import SiT, SiTConfig
+from repa_eqx.diffusion.samplers import guided_steps, ode_times, sde_times
+from repa_eqx.model.sit import SiT, SiTConfig
+from repa_eqx.sampling.samples import SamplerSpec, example_inputs, sample_jit
 
 SPECS = {
     "ode": SamplerSpec("ode", 50, cfg_scale=1.8, interval=(0.0, 0.7)),

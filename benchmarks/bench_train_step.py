@@ -7,7 +7,7 @@ classes, 256 tokens) with one projector to 768-d targets (DINOv2-B features), in
 SiT-XL/2 (`--compile-only`, default XL/2) is only lowered and compiled, on abstract weights:
 its compile time, without the 10+ GB of weights and Adam state a CPU step would need.
 
-The step is the library's own (`repa_eqx.train.make_train_step`); the target features are
+The step is the library's own (`repa_eqx.training.step.make_train_step`); the target features are
 precomputed random arrays, so no encoder runs inside the step.
 
 FLOPs. XLA's cost analysis counts the body of a while loop once, whatever its trip count, and
@@ -48,9 +48,9 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from repa_eqx.recipe import Recipe
-from repa_eqx.sit import REMAT_POLICIES, SiTConfig
-from repa_eqx.train import StepConfig, init_state, make_optimizer, make_train_step
+from repa_eqx.model.sit import REMAT_POLICIES, SiTConfig
+from repa_eqx.training.recipe import Recipe
+from repa_eqx.training.step import StepConfig, init_state, make_optimizer, make_train_step
 
 # ImageNet-256 through the SD-VAE: 4x32x32 latents; SiT-x/2 makes 16x16 = 256 tokens.
 LATENT_CHANNELS, LATENT_SIZE, NUM_CLASSES = 4, 32, 1000

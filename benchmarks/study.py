@@ -82,7 +82,7 @@ def _git_commit() -> str:
 
 def overrides(name: str, args) -> list[str]:
     """The --set overrides of one run: the scale options and its output folder."""
-    from repa_eqx.recipe import load_recipe
+    from repa_eqx.training.recipe import load_recipe
 
     sets = []
     if args.steps:
@@ -103,8 +103,8 @@ def _checkpoint_steps(run_dir: Path) -> list[int]:
 def train_run(name: str, sets: list[str], log: dict, log_path: Path) -> None:
     from rich.console import Console
 
-    from repa_eqx.recipe import load_recipe
-    from repa_eqx.train import train
+    from repa_eqx.training.loop import train
+    from repa_eqx.training.recipe import load_recipe
 
     console = Console(stderr=True)
     recipe = load_recipe(RUNS[name], sets)
@@ -407,10 +407,10 @@ def teacher_baselines(runs_dir: Path) -> dict[str, float]:
     SiT is told the class). Computed on the cached features of all 5,000 digits."""
     import numpy as np
 
-    from repa_eqx.data import load_mnist_5k
-    from repa_eqx.encoders import load_encoders, precompute_features
-    from repa_eqx.recipe import load_recipe
-    from repa_eqx.train import sit_config
+    from repa_eqx.data.datasets import load_mnist_5k
+    from repa_eqx.data.features import precompute_features
+    from repa_eqx.training.loop import load_encoders
+    from repa_eqx.training.recipe import load_recipe, sit_config
 
     recipe = load_recipe(runs_dir / "repa" / "recipe.toml")
     encoders = load_encoders(recipe.encoders[:1], grid=sit_config(recipe).grid_size)

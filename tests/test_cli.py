@@ -9,6 +9,8 @@ from typer.testing import CliRunner
 
 from repa_cli.main import app
 
+pytestmark = pytest.mark.standard_promotion
+
 runner = CliRunner()
 
 

@@ -10,7 +10,8 @@ from safetensors.numpy import load_file, save_file
 from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
 
 from repa_eqx import WeightsMismatch
-from repa_eqx.clip import ClipVisionConfig, encode, load_clip_vision, preprocess
+from repa_eqx.pretrained.clip import ClipVisionConfig, encode, preprocess
+from repa_eqx.pretrained.registry import load_clip_vision
 
 PATCH = 14
 NATIVE = 56  # a 4x4 position table
@@ -21,12 +22,6 @@ VISION = dict(
     num_attention_heads=4,
     patch_size=PATCH,
 )
-
-
-@pytest.fixture(autouse=True)
-def strict_promotion():
-    with jax.numpy_dtype_promotion("strict"), jax.numpy_rank_promotion("raise"):
-        yield
 
 
 def _perturb(model, seed: int = 0):

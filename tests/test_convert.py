@@ -7,12 +7,15 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from safetensors.numpy import load_file, save_file
 from typer.testing import CliRunner
 
 from repa_cli.main import app
 from repa_eqx import WeightsMismatch
-from repa_eqx.convert import convert, load_converted
-from repa_eqx.hub import PretrainedNotFound
+from repa_eqx.pretrained import PretrainedNotFound, registry
+from repa_eqx.pretrained.registry import convert, load_converted
+
+pytestmark = pytest.mark.standard_promotion
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -65,30 +68,47 @@ def _same(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def _doubled(folder):
+    """Change the converted copy in `folder`: every float tensor times two."""
+    weights = folder / "model.safetensors"
+    tensors = load_file(weights)
+    save_file({k: v * 2 if v.dtype.kind == "f" else v for k, v in tensors.items()}, weights)
+
+
+def _differs(a, b) -> bool:
+    return any(
+        not np.array_equal(np.asarray(x), np.asarray(y))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
+
+
 @pytest.mark.parametrize(
     ("kind", "family", "loader"),
     [
-        ("dinov2", "dinov2", "repa_eqx.dinov2:load_dinov2"),
-        ("clip", "clip-vision", "repa_eqx.clip:load_clip_vision"),
-        ("mae", "vit-mae", "repa_eqx.mae:load_mae"),
-        ("vae", "sd-vae", "repa_eqx.vae:load_vae"),
+        ("dinov2", "dinov2", registry.load_dinov2),
+        ("clip", "clip-vision", registry.load_clip_vision),
+        ("mae", "vit-mae", registry.load_mae),
+        ("vae", "sd-vae", registry.load_vae),
     ],
 )
 def test_each_family_converts_once_and_loads_back_identical(tmp_path, kind, family, loader):
-    import importlib
-
     folder = _save(kind, tmp_path / kind)
+    reference = loader(str(folder))  # from the safetensors: nothing is converted yet
     out = convert(str(folder))
     header = json.loads((out / "config.json").read_text())
     assert header["family"] == family and header["revision"].startswith("local-")
-    module, name = loader.split(":")
-    _same(load_converted(out), getattr(importlib.import_module(module), name)(str(folder)))
+    _same(load_converted(out), reference)
+    # The loader reads the conversion cache once it holds this source at this revision.
+    _doubled(out)
+    assert _differs(loader(str(folder)), reference)
+    _same(loader(str(folder)), load_converted(out))
     # A second conversion is a cache hit; --force writes it again.
     stamp = (out / "model.safetensors").stat().st_mtime_ns
     assert convert(str(folder)) == out
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp
     assert convert(str(folder), force=True) == out
     assert (out / "model.safetensors").stat().st_mtime_ns != stamp
+    _same(loader(str(folder)), reference)
 
 
 def test_hub_id_offline_from_the_cache_is_versioned_by_commit(tmp_path, monkeypatch):
@@ -110,8 +130,8 @@ def test_hub_id_offline_from_the_cache_is_versioned_by_commit(tmp_path, monkeypa
 
 
 def test_official_checkpoint(tmp_path):
-    from repa_eqx.model import REPAModel
-    from repa_eqx.official import export_official, load_official, official_config
+    from repa_eqx.model.repa import REPAModel
+    from repa_eqx.pretrained.official import export_official, load_official, official_config
 
     args = dict(
         model="SiT-S/2", depth=2, hidden_size=32, num_heads=2, resolution=64, num_classes=10,
@@ -120,9 +140,16 @@ def test_official_checkpoint(tmp_path):
     config, z_dims, projector_dim = official_config(args)
     model = REPAModel(config, z_dims, projector_dim, key=jax.random.key(1))
     pt = next(f for f in export_official(model, tmp_path / "repa", args=args) if f.suffix == ".pt")
+    reference, info = load_official(pt)
     out = convert(str(pt))
     assert json.loads((out / "config.json").read_text())["family"] == "repa-sit"
-    _same(load_converted(out), load_official(pt)[0])
+    _same(load_converted(out), reference)
+    # load_official reads the conversion of the same file and args, not other args.
+    _doubled(out)
+    converted, cached_info = load_official(pt)
+    assert _differs(converted, reference) and cached_info.args == info.args
+    _same(converted, load_converted(out))
+    assert not _differs(load_official(pt, use_ema=False)[0], reference)
 
 
 def test_a_mismatched_checkpoint_writes_nothing(tmp_path):

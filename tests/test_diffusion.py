@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from repa_eqx.diffusion import (
+from repa_eqx.diffusion.ddpm import (
     NUM_TIMESTEPS,
     Schedule,
     _at,
@@ -21,6 +21,8 @@ from repa_eqx.diffusion import (
     training_losses,
     vb_bits,
 )
+
+pytestmark = pytest.mark.standard_promotion
 
 # --------------------------------------------------------------------------- schedule
 
@@ -306,9 +308,9 @@ def test_guidance_mixes_the_noise_only_inside_the_interval():
     assert len(calls) == 20 and 0 < len(guided) < 20
 
     # the mix itself, on one step: eps = u + 3 (c - u) = -1 + 3 * 2 = 5; v = -0.5 (cond)
-    from repa_eqx.samplers import _call
+    from repa_eqx.diffusion.samplers import guided_call
 
-    out = _call(model, noise, jnp.float32(500.0), labels, jnp.bool_(True), 3.0, 10, 2)
+    out = guided_call(model, noise, jnp.float32(500.0), labels, jnp.bool_(True), 3.0, 10, 2)
     np.testing.assert_allclose(out[:, :2], 5.0)
     np.testing.assert_allclose(out[:, 2:], -0.5)
 

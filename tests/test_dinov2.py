@@ -11,13 +11,9 @@ from transformers import Dinov2Config as HFConfig
 from transformers import Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
 from repa_eqx import WeightsMismatch
-from repa_eqx.dinov2 import (
-    Dinov2Config,
-    encode,
-    load_dinov2,
-    preprocess,
-)
-from repa_eqx.hub import PretrainedNotFound, resolve_pretrained
+from repa_eqx.pretrained import PretrainedNotFound
+from repa_eqx.pretrained.dinov2 import Dinov2Config, encode, preprocess
+from repa_eqx.pretrained.registry import load_dinov2, locate
 
 PATCH = 14
 NATIVE = 56  # a 4x4 position table
@@ -28,12 +24,6 @@ VARIANTS = {
     "swiglu_no_qkv_bias": (Dinov2Model, HFConfig, {"use_swiglu_ffn": True, "qkv_bias": False}),
     "registers": (Dinov2WithRegistersModel, Dinov2WithRegistersConfig, {"num_register_tokens": 4}),
 }
-
-
-@pytest.fixture(autouse=True)
-def strict_promotion():
-    with jax.numpy_dtype_promotion("strict"), jax.numpy_rank_promotion("raise"):
-        yield
 
 
 def _torch_model(variant: str, image_size: int = NATIVE, seed: int = 0):
@@ -190,7 +180,7 @@ def test_encode_batch(checkpoint):
 def test_local_folder_without_weights(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "dinov2"}))
     with pytest.raises(PretrainedNotFound, match=r"\*\.safetensors"):
-        resolve_pretrained(str(tmp_path))
+        locate(str(tmp_path))
 
 
 def test_offline_and_not_cached(tmp_path, monkeypatch):
@@ -199,7 +189,7 @@ def test_offline_and_not_cached(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(PretrainedNotFound) as error:
-        resolve_pretrained("facebook/dinov2-small")
+        locate("facebook/dinov2-small")
     message = str(error.value)
     assert "\n" not in message
     assert "facebook/dinov2-small" in message and "local folder" in message

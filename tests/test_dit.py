@@ -10,14 +10,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_train import tiny_dinov2, tiny_recipe  # noqa: F401  (tiny_dinov2: a fixture)
+from helpers import tiny_recipe
 from typer.testing import CliRunner
 
 from repa_cli.main import app
 from repa_eqx import WeightsMismatch
-from repa_eqx.diffusion import Schedule, _at, p_mean_variance, q_sample
-from repa_eqx.dit import dit_config, dit_state_dict, is_dit_checkpoint, load_dit
-from repa_eqx.sit import SiT, SiTConfig
+from repa_eqx.diffusion.ddpm import Schedule, _at, p_mean_variance, q_sample
+from repa_eqx.model.sit import SiT, SiTConfig
+from repa_eqx.pretrained.dit import dit_config, dit_state_dict, is_dit_checkpoint, load_dit
+
+pytestmark = pytest.mark.standard_promotion
 
 torch = pytest.importorskip("torch")
 nn, F = torch.nn, torch.nn.functional
@@ -251,9 +253,9 @@ def test_sample_command_on_a_dit_checkpoint(tmp_path, tiny_vae):
     assert len(bad.output.strip().splitlines()) == 1
 
 
-def test_tiny_dit_repa_run_lowers_its_losses(tmp_path, tiny_dinov2):  # noqa: F811
-    from repa_eqx.runs import load_run
-    from repa_eqx.train import train
+def test_tiny_dit_repa_run_lowers_its_losses(tmp_path, tiny_dinov2):
+    from repa_eqx.runs.load import load_run
+    from repa_eqx.training.loop import train
 
     recipe = tiny_recipe(
         tmp_path / "run",
@@ -288,7 +290,7 @@ def test_tiny_dit_repa_run_lowers_its_losses(tmp_path, tiny_dinov2):  # noqa: F8
     x_k = q_sample(schedule, x0, k, jax.random.normal(jax.random.key(1), x0.shape))
     out = _ours(model.sit, x_k, k, k % 10)
     c = _at(schedule.tables(), k, 4)
-    _, log_variance, _ = p_mean_variance(c, out, x_k)
+    _, log_variance, _ = p_mean_variance(c, jnp.asarray(out), x_k)
     assert np.mean(np.abs(out[:, 1:]) <= 1) > 0.97  # measured: 99.4%
     tolerance = 1e-3  # in log-variance: 0.1% of the variance; measured 2e-4
     assert np.all(log_variance >= c.posterior_log_variance_clipped - tolerance)
@@ -296,7 +298,7 @@ def test_tiny_dit_repa_run_lowers_its_losses(tmp_path, tiny_dinov2):  # noqa: F8
 
 
 def test_alignment_features_of_a_dit_see_its_ddpm_noise():
-    from repa_eqx.alignment import _noise, sit_features
+    from repa_eqx.evaluation.representation import _noise, sit_features
 
     config = SiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=3,
                        num_heads=2, num_classes=10, encoder_depth=2, learn_sigma=True)  # fmt: skip

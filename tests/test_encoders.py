@@ -12,11 +12,15 @@ import pytest
 import torch
 import transformers
 
-from repa_eqx import clip, dinov2, mae
-from repa_eqx.data import ImageDataset
-from repa_eqx.encoders import load_encoders, precompute_features
-from repa_eqx.recipe import EncoderSpec, RecipeError, parse_recipe
-from repa_eqx.train import init_state, make_optimizer, repa_objective, sit_config, train
+from repa_eqx.data.datasets import ImageDataset
+from repa_eqx.data.features import precompute_features
+from repa_eqx.pretrained import clip, dinov2, mae
+from repa_eqx.training.loop import load_encoders, train
+from repa_eqx.training.objective import repa_objective
+from repa_eqx.training.recipe import EncoderSpec, RecipeError, parse_recipe, sit_config
+from repa_eqx.training.step import init_state, make_optimizer
+
+pytestmark = pytest.mark.standard_promotion
 
 GRID = 4  # the tiny SiT's token grid: 32 px / patch 8
 TINY = dict(num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)

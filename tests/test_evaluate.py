@@ -9,9 +9,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from repa_cli.main import app
-from repa_eqx.evaluate import evaluate
-from repa_eqx.inception import inception_features, load_inception
-from repa_eqx.metrics import Statistics, compute_metrics, load_reference_batch, save_samples
+from repa_eqx.evaluation.adm import Statistics, compute_metrics, load_reference_batch, save_samples
+from repa_eqx.evaluation.suite import evaluate
+from repa_eqx.pretrained.inception import inception_features, load_inception
+
+pytestmark = pytest.mark.standard_promotion
 
 torch = pytest.importorskip("torch")
 runner = CliRunner()
@@ -100,6 +102,7 @@ def test_fid_of_the_reference_images_themselves_is_zero(files, weights):
         (["reference", "nowhere", "x.npz"], "neither an image folder nor 'mnist-5k'"),
     ],
 )
+@pytest.mark.unchecked
 def test_errors_are_one_line(files, weights, args, message, monkeypatch):
     root, _ = files
     monkeypatch.chdir(root)

@@ -3,14 +3,14 @@ model card's metrics are the run's last logged values; the errors are one clear 
 
 import json
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import velocities
 from safetensors.numpy import load_file
 
-from repa_eqx.checkpoint import Checkpointer, flatten
-from repa_eqx.export import (
+from repa_eqx.core.pytree import flatten
+from repa_eqx.pretrained import PretrainedNotFound
+from repa_eqx.runs.export import (
     ExportError,
     NotAnExport,
     export_files,
@@ -18,38 +18,11 @@ from repa_eqx.export import (
     from_pretrained,
     latest_metrics,
 )
-from repa_eqx.hub import PretrainedNotFound
-from repa_eqx.metrics_log import read_metrics
-from repa_eqx.runs import RunNotFound, load_run
+from repa_eqx.runs.load import RunNotFound, load_run
+from repa_eqx.training.checkpoint import Checkpointer
+from repa_eqx.training.metrics_log import read_metrics
 
-_TRAINED: list = []
-
-
-def train_tiny_once(tmp_path_factory):
-    """A 4-step run, trained once per session for this module and test_push.py."""
-    if not _TRAINED:
-        from test_train import tiny_recipe
-
-        from repa_eqx.train import train
-
-        root = tmp_path_factory.mktemp("runs")
-        steps = {"steps": 4, "checkpoint_every": 2, "log_every": 2}
-        train(tiny_recipe(root / "tiny", train=steps), progress=False)
-        _TRAINED.append(root / "tiny")
-    return _TRAINED[0]
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    return train_tiny_once(tmp_path_factory)
-
-
-def velocities(sit):
-    sit = jax.tree.map(jnp.asarray, sit)  # loaded leaves are numpy arrays
-    x = jax.random.normal(jax.random.key(1), (3, 1, 32, 32))
-    t = jnp.array([0.9, 0.5, 0.1])
-    y = jnp.array([0, 3, 10])  # 10: the null class of guidance
-    return np.asarray(jax.vmap(lambda x, t, y: sit(x, t, y)[0])(x, t, y))
+pytestmark = pytest.mark.standard_promotion
 
 
 def test_round_trip_gives_the_runs_ema_sit(trained_run, tmp_path):
@@ -164,5 +137,5 @@ def test_hub_id_offline_and_not_cached(tmp_path, monkeypatch):
     with pytest.raises(PretrainedNotFound, match="not in the Hub cache") as error:
         from_pretrained("someone/never-downloaded")
     assert len(str(error.value).splitlines()) == 1
-    with pytest.raises(PretrainedNotFound, match="neither a local folder nor a Hub"):
+    with pytest.raises(PretrainedNotFound, match="neither a local export folder nor a Hub"):
         from_pretrained("not//an id")

@@ -11,19 +11,14 @@ from transformers import (
     Dinov2WithRegistersModel,
 )
 
-from repa_eqx import fd_dinov2 as fd
-from repa_eqx.data import load_mnist_5k
-from repa_eqx.dinov2 import cls_features, load_dinov2
-from repa_eqx.metrics import gaussian_statistics
+from repa_eqx.data.datasets import load_mnist_5k
+from repa_eqx.evaluation import fd_dinov2 as fd
+from repa_eqx.evaluation.adm import gaussian_statistics
+from repa_eqx.pretrained.dinov2 import cls_features
+from repa_eqx.pretrained.registry import load_dinov2
 
 PATCH = 14
 NATIVE = 56  # a 4x4 position table
-
-
-@pytest.fixture(autouse=True)
-def strict_promotion():
-    with jax.numpy_dtype_promotion("strict"), jax.numpy_rank_promotion("raise"):
-        yield
 
 
 def _torch_model(registers: int = 0):

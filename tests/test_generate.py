@@ -14,9 +14,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from repa_cli.main import app
-from repa_eqx.generate import SamplerSpec, choose_labels, generate, sample
-from repa_eqx.runs import RunNotFound, latest_run, load_run
-from repa_eqx.sit import SiT, SiTConfig
+from repa_eqx.model.sit import SiT, SiTConfig
+from repa_eqx.runs.load import RunNotFound, latest_run, load_run
+from repa_eqx.sampling.samples import SamplerSpec, choose_labels, generate, sample
+
+pytestmark = pytest.mark.standard_promotion
 
 runner = CliRunner()
 
@@ -93,6 +95,7 @@ def test_files_written(tmp_path):
         assert np.array_equal(npz["arr_0"], result.images)
 
 
+@pytest.mark.slow
 def test_sampling_sharded_over_devices_matches_one_device(tmp_path):
     """Four forced host devices (a fresh process: the device count is fixed at start-up)."""
     script = textwrap.dedent(
@@ -100,7 +103,7 @@ def test_sampling_sharded_over_devices_matches_one_device(tmp_path):
         import jax, numpy as np
         import sys; sys.path.insert(0, {tests!r})
         from test_generate import random_sit
-        from repa_eqx.generate import SamplerSpec, choose_labels, generate
+        from repa_eqx.sampling.samples import SamplerSpec, choose_labels, generate
         assert len(jax.devices()) == 4
         sit = random_sit()
         labels = choose_labels(10, 10, seed=0)
@@ -130,48 +133,36 @@ def test_sample_is_the_sampler_over_the_sit_velocity():
     np.testing.assert_allclose(x0, noise - v, rtol=1e-5, atol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    from test_train import tiny_recipe
-
-    from repa_eqx.train import train
-
-    root = tmp_path_factory.mktemp("runs")
-    recipe = tiny_recipe(root / "tiny", train={"steps": 4, "checkpoint_every": 2})
-    train(recipe, progress=False)
-    return root
-
-
 def test_load_run_restores_the_ema_weights(trained_run):
-    from repa_eqx.checkpoint import Checkpointer
+    from repa_eqx.training.checkpoint import Checkpointer
 
-    run = trained_run / "tiny"
+    run = trained_run
     model = load_run(run)
     assert model.step == 4 and model.path == "linear" and not model.latent
     flat, _ = Checkpointer(run / "checkpoints").restore_flat(4)
     np.testing.assert_array_equal(model.sit.label_table, flat["ema/sit/label_table"])
     assert not np.array_equal(model.sit.label_table, flat["model/sit/label_table"])
     assert load_run(run / "checkpoints" / "2").step == 2
-    assert latest_run(trained_run) == run
+    assert latest_run(trained_run.parent) == run
     with pytest.raises(RunNotFound, match="no checkpoint at step 3"):
         load_run(run, step=3)
     with pytest.raises(RunNotFound, match="no run with checkpoints"):
-        latest_run(trained_run / "nowhere")
+        latest_run(trained_run.parent / "nowhere")
 
 
 def test_sample_command(trained_run, tmp_path, monkeypatch):
-    monkeypatch.chdir(trained_run.parent)
-    args = ["sample", "--runs-dir", str(trained_run), "--num", "6", "--batch", "4"]
+    monkeypatch.chdir(trained_run.parent.parent)
+    args = ["sample", "--runs-dir", str(trained_run.parent), "--num", "6", "--batch", "4"]
     args += ["--steps", "3", "--cfg", "1.8", "--interval", "0,0.7", "--no-progress"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    folder = trained_run / "tiny" / "samples" / "ode-euler-3-cfg1.8-0_0.7-seed0-n6"
+    folder = trained_run / "samples" / "ode-euler-3-cfg1.8-0_0.7-seed0-n6"
     assert (folder / "grid.png").is_file() and len(list(folder.glob("0*.png"))) == 6
     with np.load(folder.with_name(folder.name + ".npz")) as npz:
         assert npz["arr_0"].shape == (6, 32, 32, 3)
     sde = runner.invoke(
         app,
-        ["sample", "--ckpt", str(trained_run / "tiny"), "--mode", "sde", "--steps", "3",
+        ["sample", "--ckpt", str(trained_run), "--mode", "sde", "--steps", "3",
          "--num", "3", "--class-balanced", "--out", str(tmp_path / "s"), "--no-png",
          "--no-progress"],
     )  # fmt: skip
@@ -190,9 +181,10 @@ def test_sample_command(trained_run, tmp_path, monkeypatch):
         (["--mode", "langevin"], "mode must be 'ode' or 'sde'"),
     ],
 )
+@pytest.mark.unchecked
 def test_sample_command_errors_are_one_line(trained_run, args, message):
     result = runner.invoke(
-        app, ["sample", "--runs-dir", str(trained_run), "--no-progress", "--num", "2", *args]
+        app, ["sample", "--runs-dir", str(trained_run.parent), "--no-progress", "--num", "2", *args]
     )
     assert result.exit_code == 1, result.output
     assert message in result.output and "Traceback" not in result.output
@@ -202,8 +194,8 @@ def test_sample_command_errors_are_one_line(trained_run, args, message):
 def test_sample_command_on_an_official_checkpoint_decodes_with_the_vae(tmp_path):
     diffusers = pytest.importorskip("diffusers")
     pytest.importorskip("torch")
-    from repa_eqx.model import REPAModel
-    from repa_eqx.official import export_official, official_config
+    from repa_eqx.model.repa import REPAModel
+    from repa_eqx.pretrained.official import export_official, official_config
 
     blocks = dict(
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2
@@ -232,9 +224,9 @@ def test_sample_command_on_an_official_checkpoint_decodes_with_the_vae(tmp_path)
 
 
 def test_sample_command_from_an_export(trained_run, tmp_path):
-    from repa_eqx.export import export_run
+    from repa_eqx.runs.export import export_run
 
-    folder = export_run(trained_run / "tiny", tmp_path / "export")
+    folder = export_run(trained_run, tmp_path / "export")
     result = runner.invoke(
         app,
         ["sample", "--from-hub", str(folder), "--num", "2", "--steps", "2",

@@ -13,7 +13,6 @@ import hashlib
 import pickle
 from collections import Counter
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -22,21 +21,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from repa_eqx import WeightsMismatch
-from repa_eqx import inception as inc
-from repa_eqx.inception import (
+from repa_eqx.pretrained import UnsafeCheckpoint, _torch_pickle
+from repa_eqx.pretrained import inception as inc
+from repa_eqx.pretrained._torch_pickle import read_state_dict
+from repa_eqx.pretrained.inception import (
     InceptionWeightsNotFound,
     inception_features,
     load_inception,
     preprocess,
 )
-from repa_eqx.official import UnsafeCheckpoint
-
-
-@pytest.fixture(autouse=True)
-def strict_promotion():
-    with jax.numpy_dtype_promotion("strict"), jax.numpy_rank_promotion("raise"):
-        yield
-
 
 # ------------------------------------------------------------- the PyTorch reference
 
@@ -263,8 +256,8 @@ def test_legacy_format_reads_the_same(reference, tmp_path):
     model, path, _, _ = reference
     legacy = tmp_path / "legacy.pth"
     torch.save(model.state_dict(), legacy, _use_new_zipfile_serialization=False)
-    ours = inc._read_state_dict(legacy)
-    zipped = inc._read_state_dict(path)
+    ours = read_state_dict(legacy)
+    zipped = read_state_dict(path)
     assert ours.keys() == zipped.keys()
     for name in ours:
         np.testing.assert_array_equal(ours[name], zipped[name])
@@ -274,13 +267,13 @@ def test_legacy_format_refuses_other_files(tmp_path):
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"\x00not a checkpoint")
     with pytest.raises(ValueError, match="neither a zip nor a legacy"):
-        inc._read_state_dict(junk)
+        read_state_dict(junk)
     # A legacy header, then a pickle that asks for a global outside the allow-list.
     hostile = tmp_path / "hostile.pth"
-    header = [inc._LEGACY_MAGIC, inc._LEGACY_PROTOCOL, {"little_endian": True}]
+    header = [_torch_pickle._LEGACY_MAGIC, _torch_pickle._LEGACY_PROTOCOL, {"little_endian": True}]
     hostile.write_bytes(b"".join(pickle.dumps(x, 2) for x in [*header, Counter(a=1)]))
     with pytest.raises(UnsafeCheckpoint, match="collections.Counter"):
-        inc._read_state_dict(hostile)
+        read_state_dict(hostile)
 
 
 def test_mismatched_weights_are_listed(reference, tmp_path):

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from repa_eqx.interpolants import coefficients, interpolate, sample_t
+from repa_eqx.diffusion.interpolants import coefficients, interpolate, sample_t
+
+pytestmark = pytest.mark.standard_promotion
 
 PATHS = ["linear", "cosine"]
 T_GRID = jnp.linspace(0.0, 1.0, 21)
@@ -127,6 +129,7 @@ def test_lognormal_paths_share_the_noise_level():
     np.testing.assert_allclose(lin.sigma / lin.alpha, cos.sigma / cos.alpha, rtol=1e-3)
 
 
+@pytest.mark.unchecked
 def test_unknown_names_raise():
     with pytest.raises(ValueError):
         coefficients("edm", jnp.zeros(2))

@@ -7,8 +7,11 @@ import jax
 import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from repa_eqx._layers import LaidOutLinear, dense, lay_out_for_lowp
+from repa_eqx.nn.layers import LaidOutLinear, dense, lay_out_for_lowp
+
+pytestmark = pytest.mark.standard_promotion
 
 
 def _linear(din: int, dout: int, seed: int = 0) -> eqx.nn.Linear:

@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from repa_eqx.losses import denoising_loss, repa_loss, total_loss
+from repa_eqx.alignment import repa_loss
+from repa_eqx.diffusion.losses import denoising_loss, total_loss
+
+pytestmark = pytest.mark.standard_promotion
 
 # ---------------------------------------------------------------------------- denoising
 

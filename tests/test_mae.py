@@ -8,7 +8,8 @@ from safetensors.numpy import load_file, save_file
 from transformers import ViTMAEConfig, ViTMAEForPreTraining, ViTMAEModel
 
 from repa_eqx import WeightsMismatch
-from repa_eqx.mae import MaeConfig, encode, load_mae
+from repa_eqx.pretrained.mae import MaeConfig, encode
+from repa_eqx.pretrained.registry import load_mae
 
 PATCH = 16
 NATIVE = 64  # a 4x4 position table
@@ -25,12 +26,6 @@ DECODER = dict(
     decoder_num_hidden_layers=1,
     decoder_num_attention_heads=2,
 )
-
-
-@pytest.fixture(autouse=True)
-def strict_promotion():
-    with jax.numpy_dtype_promotion("strict"), jax.numpy_rank_promotion("raise"):
-        yield
 
 
 def _mae(cls=ViTMAEModel, image_size: int = NATIVE, seed: int = 0):

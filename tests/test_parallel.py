@@ -16,13 +16,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import state_like, tiny_recipe
 from jax.sharding import PartitionSpec as P
-from test_train import _like, tiny_recipe
 
-from repa_eqx.checkpoint import Checkpointer, flatten
-from repa_eqx.parallel import MeshError, fsdp_spec, mesh_shape
-from repa_eqx.recipe import dump_recipe
-from repa_eqx.train import train
+from repa_eqx.core.pytree import flatten
+from repa_eqx.training.checkpoint import Checkpointer
+from repa_eqx.training.loop import train
+from repa_eqx.training.parallel import MeshError, fsdp_spec, mesh_shape
+from repa_eqx.training.recipe import dump_recipe
+
+pytestmark = pytest.mark.standard_promotion
 
 REPA = str(Path(sys.executable).parent / "repa")
 
@@ -63,7 +66,7 @@ def _run(recipe_file: Path, *args, devices: int = 1, check: bool = True, **popen
 
 def _final(run_dir: Path, recipe) -> dict[str, np.ndarray]:
     ckpt = Checkpointer(run_dir / "checkpoints")
-    state, meta = ckpt.restore(ckpt.latest_step(), _like(recipe, []))
+    state, meta = ckpt.restore(ckpt.latest_step(), state_like(recipe, []))
     ckpt.close()
     return {k: np.asarray(v) for k, v in flatten(state).items()}, meta
 
@@ -81,6 +84,7 @@ def _assert_close(a: dict, b: dict, tol: float | None = None) -> None:
             assert error <= tol, f"{name}: {error:.2e} of its scale"
 
 
+@pytest.mark.slow
 def test_one_device_equals_eight_data_parallel_and_fsdp(tmp_path):
     """The same tiny run on 1 device, on 8 (data parallel) and on 4 x 2 (data x FSDP, the
     weights split over 2 devices) ends with the same params, EMA and optimiser state."""
@@ -108,6 +112,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_device(tmp_path):
     """Two processes (hosts) with 2 devices each, joined by jax.distributed over gloo, mesh
     data x fsdp = 2 x 2 (weights split across the hosts): each loads its half of every batch,
@@ -162,6 +167,7 @@ def _kill_at(recipe_file: Path, run_dir: Path, at_least: int) -> int:
     pytest.fail("no checkpoint appeared in time")
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_is_bit_identical(tmp_path):
     """Killed with SIGKILL at a random step, then resumed: the end state equals an
     uninterrupted run's bit for bit (params, EMA, optimiser, step, RNG, data position). Resumed
@@ -229,14 +235,3 @@ def test_keeps_the_last_k_and_every_mth(tmp_path):
     train(recipe, progress=False)
     kept = sorted(int(p.name) for p in (tmp_path / "r/checkpoints").iterdir() if p.name.isdigit())
     assert kept == [8, 16, 18, 20]
-
-
-def test_importing_the_library_starts_no_backend():
-    """`repa train --distributed` calls jax.distributed.initialize after importing the
-    library: no import may touch a device first."""
-    code = (
-        "import repa_eqx, repa_eqx.train, repa_eqx.preprocess, repa_eqx.runs\n"
-        "from jax._src import xla_bridge\n"
-        "assert not xla_bridge._backends, 'a module touched a device at import'\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -7,15 +7,15 @@ import equinox as eqx
 import jax
 import numpy as np
 import pytest
-from test_preprocess import dataset, source, vae_folder  # noqa: F401 (fixtures)
-from test_train import tiny_dinov2  # noqa: F401 (fixture)
 
-from repa_eqx.checkpoint import flatten
-from repa_eqx.data import batch_indices, load_mnist_5k
-from repa_eqx.pipeline import Batches, EpochOrder, LatentSource, PixelSource, batch_dataset
-from repa_eqx.recipe import parse_recipe
-from repa_eqx.train import StepConfig, init_state, make_optimizer, make_train_step, sit_config
-from repa_eqx.train import train as run_training
+from repa_eqx.core.pytree import flatten
+from repa_eqx.data.datasets import batch_indices, load_mnist_5k
+from repa_eqx.data.pipeline import Batches, EpochOrder, LatentSource, PixelSource, batch_dataset
+from repa_eqx.training import train as run_training
+from repa_eqx.training.recipe import parse_recipe, sit_config
+from repa_eqx.training.step import StepConfig, init_state, make_optimizer, make_train_step
+
+pytestmark = pytest.mark.standard_promotion
 
 
 def test_epoch_order_is_a_fresh_permutation_per_epoch():
@@ -65,7 +65,7 @@ def test_iterator_state_continues_exactly(device_prefetch):
         np.testing.assert_array_equal(next(again)["y"], y)
 
 
-def test_latent_source_reads_rows_across_shards(dataset):  # noqa: F811
+def test_latent_source_reads_rows_across_shards(dataset):
     src = LatentSource(dataset)
     manifest = json.loads((dataset / "manifest.json").read_text())
     whole = {
@@ -109,7 +109,7 @@ def test_posterior_is_sampled_in_the_step():
         np.testing.assert_allclose(flat_a[name], flat_b[name], rtol=1e-5, atol=1e-9, err_msg=name)
 
 
-def test_trains_on_preprocessed_latents(dataset, vae_folder, tiny_dinov2, tmp_path):  # noqa: F811
+def test_trains_on_preprocessed_latents(dataset, vae_folder, tiny_dinov2, tmp_path):
     """`repa preprocess` output -> REPA training with the in-step DINOv2 on the stored images
     and grids decoded by a VAE."""
     recipe = parse_recipe(

@@ -5,116 +5,19 @@ import json
 import shutil
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-from diffusers import AutoencoderKL as TorchAutoencoderKL
+from helpers import BAD, CLASSES, GOOD, RES, SETTINGS
 from PIL import Image
 from typer.testing import CliRunner
 
-import repa_eqx.preprocess as pre
+import repa_eqx.data.writer as pre
 from repa_cli.main import app
-from repa_eqx.preprocess import PreprocessError, preprocess, read_manifest, verify
-from repa_eqx.vae import encode, load_vae
-
-RES = 32  # any multiple of 8; the CLI documents 256 and 512
-SETTINGS = dict(resolution=RES, batch_size=4, shard_size=8, threads=2, progress=False)
-CLASSES = ["n01440764", "n01443537", "n01484850"]
-# (class, file name, (width, height), PIL mode): odd sizes, every mode ImageNet-like folders hold.
-GOOD = [
-    (0, "a_37x53.jpg", (37, 53), "RGB"),
-    (0, "b_300x200.JPEG", (300, 200), "RGB"),
-    (0, "c_gray.png", (64, 40), "L"),
-    (0, "d_rgba.png", (45, 45), "RGBA"),
-    (0, "e_palette.png", (80, 33), "P"),
-    (0, "f.bmp", (32, 32), "RGB"),
-    (0, "g.webp", (50, 70), "RGB"),
-    (1, "a_wide.jpeg", (129, 40), "RGB"),
-    (1, "b_tall.png", (33, 100), "RGB"),
-    (1, "c_cmyk.jpg", (90, 66), "CMYK"),
-    (1, "d_big.png", (257, 130), "RGB"),
-    (1, "sub/e_nested.jpg", (41, 39), "RGB"),
-    (1, "f_gray.jpg", (48, 52), "L"),
-    (2, "a.png", (32, 33), "RGB"),
-    (2, "b.jpg", (200, 300), "RGB"),
-    (2, "c.png", (70, 31), "LA"),
-    (2, "d.jpg", (63, 64), "RGB"),
-    (2, "e.PNG", (99, 98), "RGB"),
-    (2, "f.jpg", (35, 36), "RGB"),
-    (2, "g.jpg", (128, 64), "RGB"),
-]
-BAD = {"n01443537/bad.jpg": "cannot identify image file", "n01484850/cut.png": "truncated"}
-TINY_VAE = {"block_out_channels": (8, 8, 16, 16), "layers_per_block": 1, "norm_num_groups": 4}
-
-
-@pytest.fixture(autouse=True)
-def strict_promotion():
-    with jax.numpy_dtype_promotion("strict"), jax.numpy_rank_promotion("raise"):
-        yield
-
-
-def _picture(size: tuple[int, int], mode: str, seed: int) -> Image.Image:
-    """Smooth colours plus noise, so that every crop differs."""
-    rng = np.random.default_rng(seed)
-    width, height = size
-    y, x = np.mgrid[0:height, 0:width]
-    base = np.stack([x * 255 / width, y * 255 / height, (x + y) * 127 / (width + height)], -1)
-    pixels = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
-    image = Image.fromarray(pixels)
-    if mode == "P":
-        return image.quantize(16)
-    if mode in ("RGBA", "LA"):
-        image = image.convert(mode[:-1])
-        image.putalpha(Image.fromarray(rng.integers(0, 256, (height, width), dtype=np.uint8)))
-        return image
-    return image.convert(mode)
-
-
-@pytest.fixture(scope="module")
-def source(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("imagenet")
-    for seed, (label, name, size, mode) in enumerate(GOOD):
-        path = root / CLASSES[label] / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _picture(size, mode, seed).save(path)
-    rng = np.random.default_rng(0)
-    (root / "n01443537/bad.jpg").write_bytes(rng.integers(0, 256, 3000, np.uint8).tobytes())
-    whole = root / "n01484850/whole.png"
-    _picture((60, 60), "RGB", 99).save(whole)
-    (root / "n01484850/cut.png").write_bytes(whole.read_bytes()[:-400])
-    whole.unlink()
-    (root / "n01440764/notes.txt").write_text("not an image")
-    return root
-
-
-@pytest.fixture(scope="module")
-def vae_folder(tmp_path_factory) -> Path:
-    """A tiny random diffusers AutoencoderKL (downsampling by 8, as SD's)."""
-    torch.manual_seed(0)
-    blocks = len(TINY_VAE["block_out_channels"])
-    model = TorchAutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * blocks,
-        up_block_types=("UpDecoderBlock2D",) * blocks,
-        latent_channels=4,
-        **TINY_VAE,
-    )
-    with torch.no_grad():  # off the init: non-trivial means and stds
-        for param in model.parameters():
-            param.add_(0.1 * torch.randn_like(param))
-    folder = tmp_path_factory.mktemp("tiny_vae")
-    model.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def dataset(source, vae_folder, tmp_path_factory) -> Path:
-    """One uninterrupted run: what every other way of producing it must equal."""
-    out = tmp_path_factory.mktemp("reference") / "out"
-    result = preprocess(source, out, vae=str(vae_folder), **SETTINGS)
-    assert result.manifest is not None and result.shards_written == result.num_shards == 3
-    return out
+from repa_eqx.data.shards import PreprocessError, read_manifest, verify
+from repa_eqx.data.writer import preprocess
+from repa_eqx.pretrained.registry import load_vae
+from repa_eqx.pretrained.vae import encode
 
 
 def _files(out: Path) -> dict[str, bytes]:

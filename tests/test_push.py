@@ -15,26 +15,23 @@ from urllib.parse import unquote, urlsplit
 import numpy as np
 import pytest
 import typer
+from helpers import tiny_recipe, velocities
 from huggingface_hub import constants
-from test_export import train_tiny_once, velocities
 from typer.testing import CliRunner
 
 from repa_cli.push import push_to_hub
-from repa_eqx.export import NotAnExport, from_pretrained
-from repa_eqx.hub import PretrainedNotFound
-from repa_eqx.recipe import dump_recipe
-from repa_eqx.runs import load_run
+from repa_eqx.pretrained import PretrainedNotFound
+from repa_eqx.runs.export import NotAnExport, from_pretrained
+from repa_eqx.runs.load import load_run
+from repa_eqx.training.recipe import dump_recipe
+
+pytestmark = pytest.mark.standard_promotion
 
 TOKEN = "hf_test_Zq8wN3vT5rYk2LmP9xC4"
 app = typer.Typer()
 app.callback()(lambda: None)  # keeps `push-to-hub` a subcommand
 app.command("push-to-hub")(push_to_hub)
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    return train_tiny_once(tmp_path_factory)
 
 
 class FakeHub:
@@ -243,7 +240,7 @@ def test_push_uploads_the_export_in_one_commit(trained_run, hub, hf_log, tmp_pat
 
 
 def test_pushed_model_loads_back_from_the_hub_then_offline(trained_run, hub, tmp_path, monkeypatch):
-    from repa_eqx.push import push_run
+    from repa_eqx.runs.push import push_run
 
     result = push_run(trained_run, "me/tiny-repa", out_dir=tmp_path / "export")
     assert result.commit_url.startswith(hub.url)
@@ -283,10 +280,10 @@ def test_dry_run_lists_the_export_and_touches_no_network(trained_run, hub, tmp_p
 
 
 def test_bare_push_takes_the_latest_run_and_the_recipes_repository(trained_run, hub, monkeypatch):
-    import repa_eqx.push
+    import repa_eqx.runs.push
 
     recipe = types.SimpleNamespace(output=types.SimpleNamespace(hub_repo="me/from-recipe"))
-    monkeypatch.setattr(repa_eqx.push, "load_recipe", lambda path: recipe)
+    monkeypatch.setattr(repa_eqx.runs.push, "load_recipe", lambda path: recipe)
     monkeypatch.chdir(trained_run.parent.parent)
     result = runner.invoke(app, ["push-to-hub", "--runs-dir", str(trained_run.parent)])
     assert result.exit_code == 0, result.output
@@ -303,7 +300,6 @@ def closed_port() -> int:
 
 
 def test_errors_are_one_line_and_keep_the_export(trained_run, hub, tmp_path, monkeypatch):
-    from test_train import tiny_recipe
 
     out = tmp_path / "export"
     push = ["push-to-hub", "me/tiny-repa", "--out", str(out)]

@@ -3,7 +3,9 @@ from pathlib import Path
 
 import pytest
 
-from repa_eqx.recipe import Recipe, RecipeError, dump_recipe, load_recipe, parse_recipe
+from repa_eqx.training.recipe import Recipe, RecipeError, dump_recipe, load_recipe, parse_recipe
+
+pytestmark = pytest.mark.standard_promotion
 
 RECIPES = sorted(Path(__file__).parent.parent.joinpath("recipes").glob("*.toml"))
 

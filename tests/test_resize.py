@@ -4,13 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from repa_eqx._resize import resize_bicubic, resize_matrix
-
-
-@pytest.fixture(autouse=True)
-def strict_promotion():
-    with jax.numpy_dtype_promotion("strict"), jax.numpy_rank_promotion("raise"):
-        yield
+from repa_eqx.nn.resize import resize_bicubic, resize_matrix
 
 
 def _torch_resize(x: np.ndarray, size: tuple[int, int], antialias: bool) -> np.ndarray:

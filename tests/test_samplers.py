@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from repa_eqx.interpolants import coefficients
-from repa_eqx.samplers import (
+from repa_eqx.diffusion.interpolants import coefficients
+from repa_eqx.diffusion.samplers import (
     guided_steps,
     linspace,
     ode_sample,
@@ -16,6 +16,8 @@ from repa_eqx.samplers import (
     sde_sample,
     sde_times,
 )
+
+pytestmark = pytest.mark.standard_promotion
 
 SHAPE = (2, 3, 3)  # (c, h, w) of one example
 MU = jnp.linspace(-1.5, 1.5, 18).reshape(SHAPE)
@@ -229,6 +231,7 @@ def test_guidance_moves_samples_away_from_the_null_mean():
     np.testing.assert_allclose(np.asarray(x).mean(0), 2.0 * MU, atol=0.1)
 
 
+@pytest.mark.unchecked
 def test_bad_arguments_are_refused():
     noise, y = noise_and_labels(2)
     v = gaussian_velocity(MU, STD, "linear")

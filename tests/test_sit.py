@@ -9,8 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from repa_eqx.model import REPAModel
-from repa_eqx.sit import SiT, SiTConfig, sincos_pos_embed_2d
+from repa_eqx.model.repa import REPAModel
+from repa_eqx.model.sit import SiT, SiTConfig, sincos_pos_embed_2d
+
+pytestmark = pytest.mark.standard_promotion
 
 # size -> (depth, hidden, heads, REPA encoder_depth), from the SiT / REPA papers.
 SIZES = {

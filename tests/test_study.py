@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.standard_promotion
+
 _spec = importlib.util.spec_from_file_location(
     "study", Path(__file__).parents[1] / "benchmarks" / "study.py"
 )

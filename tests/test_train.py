@@ -7,68 +7,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import state_like, tiny_recipe
 
-from repa_eqx.checkpoint import Checkpointer, CheckpointMismatch, flatten
-from repa_eqx.data import batch_indices, load_mnist_5k
-from repa_eqx.recipe import RecipeError, parse_recipe
-from repa_eqx.train import (
-    StepConfig,
-    TrainingDiverged,
-    init_state,
-    make_optimizer,
-    make_train_step,
-    repa_objective,
-    sit_config,
-    train,
-)
+from repa_eqx.core.pytree import CheckpointMismatch, flatten
+from repa_eqx.data.datasets import batch_indices, load_mnist_5k
+from repa_eqx.training.checkpoint import Checkpointer
+from repa_eqx.training.loop import TrainingDiverged, train
+from repa_eqx.training.objective import repa_objective
+from repa_eqx.training.recipe import RecipeError, parse_recipe, sit_config
+from repa_eqx.training.step import StepConfig, init_state, make_optimizer, make_train_step
 
-
-@pytest.fixture(scope="module")
-def tiny_dinov2(tmp_path_factory):
-    """A random DINOv2 saved by transformers in the Hub layout: patch 14, so 112 px -> 8x8."""
-    transformers = pytest.importorskip("transformers")
-    config = transformers.Dinov2Config(
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        patch_size=14,
-        image_size=56,
-    )
-    folder = tmp_path_factory.mktemp("tiny-dinov2")
-    transformers.Dinov2Model(config).save_pretrained(folder)
-    return str(folder)
-
-
-def tiny_recipe(out, encoder=None, **sections):
-    table = {
-        "model": dict(
-            arch="SiT-S/4",
-            depth=2,
-            hidden_size=32,
-            num_heads=2,
-            encoder_depth=1,
-            input_size=32,
-            in_channels=1,
-            num_classes=10,
-            projector_dim=64,
-        ),
-        "encoders": [{"id": encoder, "resolution": 112}] if encoder else [],
-        "optim": {"lr": 1e-3, "ema_decay": 0.9},
-        "data": {"dataset": "mnist-5k", "batch_size": 8, "precompute_features": False},
-        "train": dict(
-            steps=20,
-            log_every=5,
-            checkpoint_every=10,
-            sample_every=1000,
-            sample_steps=4,
-            num_samples=10,
-        ),
-        "output": {"dir": str(out)},
-    }
-    for name, values in sections.items():
-        table[name] = table.get(name, {}) | values
-    return parse_recipe(table)
+pytestmark = pytest.mark.standard_promotion
 
 
 def _params(run_dir, like):
@@ -76,16 +25,6 @@ def _params(run_dir, like):
     state, _ = ckpt.restore(ckpt.latest_step(), like)
     ckpt.close()
     return state
-
-
-def _like(recipe, z_dims):
-    return init_state(
-        sit_config(recipe, 10),
-        z_dims,
-        recipe.model.projector_dim,
-        make_optimizer(recipe),
-        recipe.train.seed,
-    )
 
 
 def test_tiny_repa_run_lowers_both_losses(tmp_path, tiny_dinov2):
@@ -133,7 +72,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     with pytest.raises(RecipeError, match="--resume"):
         train(split, progress=False)
     train(split, progress=False, resume=True)
-    like = _like(straight, [])
+    like = state_like(straight, [])
     a, b = _params(tmp_path / "straight", like), _params(tmp_path / "split", like)
     flat_a, flat_b = flatten(a), flatten(b)
     assert flat_a.keys() == flat_b.keys()
@@ -148,7 +87,7 @@ def test_ctrl_c_mid_step_saves_a_consistent_checkpoint(tmp_path, monkeypatch):
     the state's step, and the resumed run equals an uninterrupted one."""
     import sys
 
-    train_module = sys.modules["repa_eqx.train"]  # the package exports a function `train`
+    train_module = sys.modules["repa_eqx.training.loop"]  # the package exports a function `train`
 
     straight = tiny_recipe(tmp_path / "straight", train={"steps": 12, "checkpoint_every": 12})
     train(straight, progress=False)
@@ -175,7 +114,7 @@ def test_ctrl_c_mid_step_saves_a_consistent_checkpoint(tmp_path, monkeypatch):
     assert ckpt.latest_step() == 7
     ckpt.close()
     train(split, progress=False, resume=True)
-    like = _like(straight, [])
+    like = state_like(straight, [])
     a, b = flatten(_params(tmp_path / "straight", like)), flatten(_params(tmp_path / "split", like))
     for name in a:
         np.testing.assert_array_equal(np.asarray(a[name]), np.asarray(b[name]), name)
@@ -193,10 +132,10 @@ def test_checkpoint_mismatch_names_the_weights(tmp_path):
     train(recipe, progress=False)
     bigger = tiny_recipe(tmp_path / "r2", model={"hidden_size": 64})
     with pytest.raises(CheckpointMismatch) as e:
-        _params(tmp_path / "r", _like(bigger, []))
+        _params(tmp_path / "r", state_like(bigger, []))
     message = str(e.value)
     assert "shape: ema/sit/blocks/adaln/bias (2, 192) != (2, 384)" in message
-    with_projector = _like(recipe, [16])
+    with_projector = state_like(recipe, [16])
     with pytest.raises(CheckpointMismatch, match="missing: .*projectors"):
         _params(tmp_path / "r", with_projector)
 

@@ -14,17 +14,9 @@ from diffusers import AutoencoderKL as TorchAutoencoderKL
 from safetensors.numpy import load_file, save_file
 
 from repa_eqx import WeightsMismatch
-from repa_eqx.vae import (
-    SCALING_FACTOR,
-    VAEConfig,
-    decode,
-    encode,
-    from_state_dict,
-    latents_to_uint8,
-    load_vae,
-    to_latents,
-    to_uint8,
-)
+from repa_eqx.pretrained.registry import load_vae
+from repa_eqx.pretrained.vae import SCALING_FACTOR, VAEConfig, decode, encode, from_state_dict
+from repa_eqx.spaces.sd_vae import latents_to_uint8, to_latents, to_uint8
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 SMALL = {"block_out_channels": (32, 64), "layers_per_block": 1, "norm_num_groups": 8}
@@ -32,12 +24,6 @@ SMALL = {"block_out_channels": (32, 64), "layers_per_block": 1, "norm_num_groups
 SD = {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "norm_num_groups": 32}
 BARE = {"use_quant_conv": False, "use_post_quant_conv": False, "mid_block_add_attention": False}
 VARIANTS = {"quant_conv_attention": {}, "bare": BARE}
-
-
-@pytest.fixture(autouse=True)
-def strict_promotion():
-    with jax.numpy_dtype_promotion("strict"), jax.numpy_rank_promotion("raise"):
-        yield
 
 
 def _torch_vae(architecture: dict, seed: int = 0, **extra) -> TorchAutoencoderKL:
@@ -260,7 +246,7 @@ def test_hub_layouts_from_cache(small, tmp_path, monkeypatch):
 SHARDED = """
 import equinox as eqx, jax, jax.random as jr, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
-from repa_eqx.vae import AutoencoderKL, VAEConfig, decode, encode
+from repa_eqx.pretrained.vae import AutoencoderKL, VAEConfig, decode, encode
 mesh = jax.make_mesh((2,), ("data",))  # explicit axes: the strict sharding checks
 config = VAEConfig((8, 16), 1, norm_num_groups=4)
 skeleton = jax.eval_shape(lambda: AutoencoderKL(config, key=jr.key(0)))  # eager init is slow
@@ -279,6 +265,7 @@ np.testing.assert_allclose(decoded, decode(vae, mean), atol=1e-5)
 """
 
 
+@pytest.mark.slow
 def test_sharded_batch():
     """encode and decode run on a batch split over two (CPU) devices."""
     env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}

@@ -1,4 +1,4 @@
-"""What every command shares: the one-line error and the errors that are the user's to fix."""
+"""What every command shares: the one-line error for the errors that are the user's to fix."""
 
 import typer
 
@@ -8,27 +8,9 @@ def fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that carry a readable message for the user (imported lazily: the CLI
-    answers `--help` without importing JAX)."""
-    from repa_eqx import WeightsMismatch
-    from repa_eqx.checkpoint import CheckpointMismatch, CheckpointUnreadable
-    from repa_eqx.data import DataError
-    from repa_eqx.hub import PretrainedNotFound
-    from repa_eqx.parallel import MeshError
-    from repa_eqx.preprocess import PreprocessError
-    from repa_eqx.recipe import RecipeError
-    from repa_eqx.train import TrainingDiverged
+def user_errors() -> type[BaseException]:
+    """The base class of every expected error (imported lazily: the CLI answers `--help`
+    without importing JAX). Any other exception is a bug and keeps its traceback."""
+    from repa_eqx.core.errors import RepaError
 
-    return (
-        RecipeError,
-        DataError,
-        CheckpointMismatch,
-        CheckpointUnreadable,
-        MeshError,
-        TrainingDiverged,
-        PretrainedNotFound,
-        PreprocessError,
-        WeightsMismatch,
-        FileNotFoundError,
-    )
+    return RepaError

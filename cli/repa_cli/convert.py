@@ -29,14 +29,13 @@ def convert(
     """Convert once; print the folder holding model.safetensors and config.json."""
     import json
 
-    from repa_eqx.convert import convert as run_convert
-    from repa_eqx.official import UnsafeCheckpoint
+    from repa_eqx.pretrained import convert as run_convert
 
     try:
         folder = run_convert(
             source, revision=revision, official_args=_key_values(official_arg), force=force
         )
-    except (*user_errors(), UnsafeCheckpoint, ValueError, TypeError) as e:
+    except user_errors() as e:
         fail(str(e))
     header = json.loads((folder / "config.json").read_text())
     size = (folder / "model.safetensors").stat().st_size / 2**20

@@ -19,13 +19,6 @@ Resize = Annotated[
 ]
 
 
-def _errors():
-    from repa_eqx.evaluate import EvaluationError
-    from repa_eqx.inception import InceptionWeightsNotFound
-
-    return (*user_errors(), EvaluationError, InceptionWeightsNotFound, ValueError)
-
-
 Method = Annotated[
     str, typer.Option(help="Matrix square root: eigh (stable, fast) or sqrtm (ADM's scipy route)")
 ]
@@ -35,7 +28,7 @@ def _run(samples, ref, metrics, inception, resize, method, batch, json_out, prog
     from rich.console import Console
     from rich.table import Table
 
-    from repa_eqx.evaluate import evaluate, write_report
+    from repa_eqx.evaluation.suite import evaluate, write_report
 
     try:
         results = evaluate(
@@ -48,7 +41,7 @@ def _run(samples, ref, metrics, inception, resize, method, batch, json_out, prog
             batch_size=batch,
             progress=progress,
         )
-    except _errors() as e:
+    except user_errors() as e:
         fail(str(e))
     table = Table(title=f"{samples.name} vs {ref.name}")
     for name in results:
@@ -86,7 +79,7 @@ def evaluate(
     progress: Annotated[bool, typer.Option(help="Show progress bars")] = True,
 ) -> None:
     """ADM's whole suite: FID, sFID, Inception Score, precision and recall."""
-    from repa_eqx.evaluate import ALL_METRICS
+    from repa_eqx.evaluation.adm import ALL_METRICS
 
     _run(samples, ref, ALL_METRICS, inception, resize, method, batch, json_out, progress)
 
@@ -100,7 +93,7 @@ def reference(
     progress: Annotated[bool, typer.Option(help="Show progress bars")] = True,
 ) -> None:
     """Build an ADM reference batch (images + Inception statistics)."""
-    from repa_eqx.evaluate import build_reference
+    from repa_eqx.evaluation.suite import build_reference
 
     try:
         path, n = build_reference(
@@ -111,6 +104,6 @@ def reference(
             batch_size=batch,
             progress=progress,
         )
-    except _errors() as e:
+    except user_errors() as e:
         fail(str(e))
     typer.echo(f"reference batch of {n} images: {path}")

@@ -51,11 +51,11 @@ def train(
 ) -> None:
     """Train a SiT (+ REPA) as the recipe says, on every device the recipe's mesh names;
     outputs go to the recipe's output.dir."""
-    from repa_eqx.recipe import load_recipe
-    from repa_eqx.train import train as run_training
+    from repa_eqx.training import load_recipe
+    from repa_eqx.training import train as run_training
 
     if distributed:  # before anything touches a device
-        from repa_eqx.parallel import initialize_distributed
+        from repa_eqx.training.parallel import initialize_distributed
 
         try:
             initialize_distributed(coordinator, num_processes, process_id)

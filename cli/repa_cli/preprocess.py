@@ -50,8 +50,8 @@ def preprocess(
     images, posterior mean and std, labels and a checksummed OUT/manifest.json.
 
     Rerun the same command to resume. Share the work: --num-workers W --worker-index I."""
-    from repa_eqx.preprocess import finalize as write_manifest
-    from repa_eqx.preprocess import preprocess as run_preprocess
+    from repa_eqx.data.writer import finalize as write_manifest
+    from repa_eqx.data.writer import preprocess as run_preprocess
 
     try:
         if finalize:

