@@ -21,6 +21,18 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 PosInterp = Literal["timm", "transformers"]
 
 
+class PatchGrid:
+    """For the configs of the ViT ports: the side of the checkpoint's position table."""
+
+    image_size: int
+    patch_size: int
+
+    @property
+    def grid(self) -> int:
+        """Side of the checkpoint's position table, in patches."""
+        return self.image_size // self.patch_size
+
+
 class PatchEmbed(eqx.Module):
     """A conv with kernel = stride = patch, written as a matmul over patches."""
 
@@ -119,6 +131,15 @@ def run_blocks(blocks: eqx.Module, x: Float[Array, "tokens dim"]) -> Float[Array
         return eqx.combine(layer, static)(x), None
 
     return jax.lax.scan(step, x, dynamic)[0]
+
+
+def embed_patches(model, image: Float[Array, "3 H W"]) -> Float[Array, "tokens dim"]:
+    """A ViT's input tokens: the CLS token, then the patches, plus the position table (the
+    model has `patch_embed`, `cls_token` and `pos_embed`); the image's patch grid must be the
+    table's."""
+    check_patch_grid(image, model.patch_embed.patch_size, table_grid(model.pos_embed))
+    x = model.patch_embed(image)
+    return jnp.concatenate([model.cls_token[None, :], x]) + model.pos_embed
 
 
 def check_patch_grid(image: Float[Array, "3 H W"], patch: int, grid: int) -> None:

@@ -21,7 +21,7 @@ from jaxtyping import Array, Float, PRNGKeyArray, UInt8
 from ..core.errors import ConfigError
 from ..nn.resize import resize_bicubic
 from ._convert import HubConfig, Port, Target, config_from_dict, fill
-from ._vit import Block, PatchEmbed, check_patch_grid, gelu, run_blocks, table_grid
+from ._vit import Block, PatchEmbed, PatchGrid, embed_patches, gelu, run_blocks, table_grid
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -36,7 +36,7 @@ _ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": gelu}
 
 
 @dataclasses.dataclass(frozen=True)
-class ClipVisionConfig(HubConfig):
+class ClipVisionConfig(PatchGrid, HubConfig):
     """The fields of a transformers `CLIPVisionConfig`: a `clip_vision_model` config.json,
     or the `vision_config` of a full `clip` one."""
 
@@ -64,11 +64,6 @@ class ClipVisionConfig(HubConfig):
                 f"hidden_act {config.hidden_act!r} is not one of {list(_ACTIVATIONS)}"
             )
         return config
-
-    @property
-    def grid(self) -> int:
-        """Side of the checkpoint's position table, in patches."""
-        return self.image_size // self.patch_size
 
 
 class ClipVision(eqx.Module):
@@ -107,9 +102,7 @@ class ClipVision(eqx.Module):
 
     def __call__(self, image: Float[Array, "3 H W"]) -> Float[Array, "patches dim"]:
         """The last block's patch tokens (transformers' `last_hidden_state[1:]`)."""
-        check_patch_grid(image, self.patch_embed.patch_size, self.grid)
-        x = self.patch_embed(image)
-        x = jnp.concatenate([self.cls_token[None, :], x]) + self.pos_embed
+        x = embed_patches(self, image)
         return run_blocks(self.layers, jax.vmap(self.pre_norm)(x))[1:]
 
 

@@ -23,10 +23,11 @@ from ..core.errors import ConfigError
 from ._convert import HubConfig, Port, Target, config_from_dict, fill
 from ._vit import (
     PatchEmbed,
+    PatchGrid,
     PosInterp,
     SelfAttention,
     check_interp,
-    check_patch_grid,
+    embed_patches,
     preprocess,
     resample_pos_embed,
     run_blocks,
@@ -37,7 +38,7 @@ _MODEL_TYPES = ("dinov2", "dinov2_with_registers")
 
 
 @dataclasses.dataclass(frozen=True)
-class Dinov2Config(HubConfig):
+class Dinov2Config(PatchGrid, HubConfig):
     """The architecture fields of a transformers DINOv2 `config.json`."""
 
     hidden_size: int
@@ -63,11 +64,6 @@ class Dinov2Config(HubConfig):
             raise ConfigError(f"hidden_act {raw['hidden_act']!r}: only 'gelu' is supported")
         # Each value is cast to its field's type (transformers writes mlp_ratio as 4).
         return config_from_dict(cls, raw)
-
-    @property
-    def grid(self) -> int:
-        """Side of the checkpoint's position table, in patches."""
-        return self.image_size // self.patch_size
 
     @property
     def mlp_hidden_size(self) -> int:
@@ -165,9 +161,7 @@ class Dinov2(eqx.Module):
 
     def tokens(self, image: Float[Array, "3 H W"]) -> Float[Array, "tokens dim"]:
         """Every token after the final LayerNorm: CLS, then the registers, then the patches."""
-        check_patch_grid(image, self.patch_embed.patch_size, self.grid)
-        x = self.patch_embed(image)
-        x = jnp.concatenate([self.cls_token[None, :], x]) + self.pos_embed
+        x = embed_patches(self, image)
         # Registers carry no position embedding; they sit between CLS and the patches.
         x = jnp.concatenate([x[:1], self.register_tokens, x[1:]])
         return jax.vmap(self.norm)(run_blocks(self.layers, x))

@@ -13,7 +13,6 @@ from typing import Any
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray, UInt8
@@ -23,7 +22,8 @@ from ._convert import HubConfig, Port, Target, config_from_dict, fill
 from ._vit import (
     Block,
     PatchEmbed,
-    check_patch_grid,
+    PatchGrid,
+    embed_patches,
     gelu,
     preprocess,
     run_blocks,
@@ -32,7 +32,7 @@ from ._vit import (
 
 
 @dataclasses.dataclass(frozen=True)
-class MaeConfig(HubConfig):
+class MaeConfig(PatchGrid, HubConfig):
     """The encoder fields of a transformers ViTMAE `config.json` (the decoder's are unused)."""
 
     hidden_size: int
@@ -52,11 +52,6 @@ class MaeConfig(HubConfig):
         if raw.get("hidden_act", "gelu") != "gelu":
             raise ConfigError(f"hidden_act {raw['hidden_act']!r}: only 'gelu' is supported")
         return config_from_dict(cls, raw)
-
-    @property
-    def grid(self) -> int:
-        """Side of the checkpoint's position table, in patches."""
-        return self.image_size // self.patch_size
 
 
 class Mae(eqx.Module):
@@ -93,10 +88,7 @@ class Mae(eqx.Module):
 
     def __call__(self, image: Float[Array, "3 H W"]) -> Float[Array, "patches dim"]:
         """The last block's patch tokens: no final LayerNorm, as REPA's `forward_features`."""
-        check_patch_grid(image, self.patch_embed.patch_size, self.grid)
-        x = self.patch_embed(image)
-        x = jnp.concatenate([self.cls_token[None, :], x]) + self.pos_embed
-        return run_blocks(self.layers, x)[1:]
+        return run_blocks(self.layers, embed_patches(self, image))[1:]
 
 
 @eqx.filter_jit
