@@ -221,6 +221,44 @@ def _space(recipe: Recipe, data: TrainData) -> Callable[[], Space]:
     return get
 
 
+def _restore(checkpointer: Checkpointer, state, shardings, run_dir: Path, console):
+    """(step, state, data iterator state) of the newest readable checkpoint, or the fresh
+    state at step 0 when there is none."""
+    restored = checkpointer.restore_latest(
+        state, shardings, report=lambda m: console.print(f"[yellow]{m}")
+    )
+    if restored is None:
+        return 0, state, None
+    start, state, meta = restored
+    console.print(f"resumed {run_dir} from step {start}")
+    return start, state, meta.get("data")
+
+
+def _batches(recipe: Recipe, source: Source, start: int, data_state, sharding) -> Batches:
+    """This process's batches from step `start` on, placed on the mesh as global arrays; a
+    restored iterator state must be that of step `start`."""
+    batches = Batches(
+        batch_dataset(
+            source,
+            batch_size=recipe.data.batch_size,
+            seed=recipe.train.seed,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        ),
+        start,
+        threads=recipe.data.num_threads,
+        prefetch=recipe.data.prefetch,
+        place=lambda host: global_batch(host, sharding),
+    )
+    if data_state is not None:
+        if int(data_state.get("next_index", -1)) != start:
+            raise RecipeError(
+                f"checkpoint {start}: its data iterator state {data_state} does not match its step"
+            )
+        batches.restore(data_state)
+    return batches
+
+
 def _log_line(values: dict[str, float]) -> str:
     info = f"loss {values['loss']:.4f}"
     if "repa_loss" in values:
@@ -293,15 +331,8 @@ def train(
         keep_every=recipe.train.keep_every,
     )
     start, data_state = 0, None
-    restored = None
     if resume:
-        restored = checkpointer.restore_latest(
-            state, state_sh, report=lambda m: console.print(f"[yellow]{m}")
-        )
-    if restored is not None:
-        start, state, meta = restored
-        data_state = meta.get("data")
-        console.print(f"resumed {run_dir} from step {start}")
+        start, state, data_state = _restore(checkpointer, state, state_sh, run_dir, console)
     console.print(describe(mesh, recipe.data.batch_size))
 
     metrics_log = MetricsLog(run_dir, tensorboard=recipe.output.tensorboard and lead)
@@ -325,25 +356,7 @@ def train(
     step_fn = make_train_step(
         optimizer, step_cfg, static_state, static_enc, shardings=(state_sh, batch_sh, repl)
     )
-    batches = Batches(
-        batch_dataset(
-            data.source,
-            batch_size=recipe.data.batch_size,
-            seed=recipe.train.seed,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-        ),
-        start,
-        threads=recipe.data.num_threads,
-        prefetch=recipe.data.prefetch,
-        place=lambda host: global_batch(host, batch_sh),
-    )
-    if data_state is not None:
-        if int(data_state.get("next_index", -1)) != start:
-            raise RecipeError(
-                f"checkpoint {start}: its data iterator state {data_state} does not match its step"
-            )
-        batches.restore(data_state)
+    batches = _batches(recipe, data.source, start, data_state, batch_sh)
 
     saved = [start]
 
