@@ -92,3 +92,27 @@ def test_importing_every_module_touches_no_device_and_no_matplotlib():
         "assert not xla_bridge._backends, 'a module touched a device at import'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+def test_every_exception_of_the_package_is_a_repa_error():
+    """The CLI turns exactly the `RepaError`s into one-line messages: every exception class
+    the package defines must be one, or a user's mistake would end in a traceback."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import repa_eqx
+    from repa_eqx.core.errors import RepaError
+
+    defined = {}
+    for info in pkgutil.walk_packages(repa_eqx.__path__, "repa_eqx."):
+        module = importlib.import_module(info.name)
+        for name, value in vars(module).items():
+            if (
+                inspect.isclass(value)
+                and issubclass(value, BaseException)
+                and value.__module__ == module.__name__
+            ):
+                defined[f"{module.__name__}.{name}"] = value
+    assert len(defined) >= 18
+    assert [name for name, cls in defined.items() if not issubclass(cls, RepaError)] == []
