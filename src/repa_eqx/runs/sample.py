@@ -1,0 +1,116 @@
+"""What `repa sample` does, as one library function: find the model (a run, one of its
+checkpoints, a checkpoint file, an export or a Hub repository), choose the sampler's defaults
+for it, decode latents with the VAE, name the output folder, and sample."""
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from ..core.errors import ConfigError
+from ..pretrained import load_vae
+from ..sampling.samples import SamplerSpec, Samples, choose_labels, generate
+from ..spaces import Pixels, SDVAELatents
+from .export import NotAnExport, from_pretrained
+from .load import DEFAULT_RUNS_DIR, SamplingModel, download_official, latest_run, load_for_sampling
+
+DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"  # decodes latent samples, as the reference does
+
+
+@dataclasses.dataclass
+class SampleRun:
+    model: SamplingModel
+    spec: SamplerSpec
+    samples: Samples
+
+
+def find_model(
+    ckpt: str | Path | None = None,
+    *,
+    from_hub: str | None = None,
+    revision: str | None = None,
+    official_args: Mapping[str, object] | None = None,
+    runs_dir: str | Path = DEFAULT_RUNS_DIR,
+) -> SamplingModel:
+    """The model to sample: `ckpt` (a run, `RUN/checkpoints/STEP`, an official REPA or a DiT
+    checkpoint file), else `from_hub` (an export, or a repository holding an official
+    checkpoint), else the most recent run under `runs_dir`."""
+    if ckpt is not None and from_hub is not None:
+        raise ConfigError("give --ckpt or --from-hub, not both")
+    official = dict(official_args or {})
+    if from_hub is not None:
+        try:
+            return from_pretrained(from_hub, revision=revision)
+        except NotAnExport:
+            source = download_official(from_hub, revision=revision)
+            return load_for_sampling(source, official_args=official)
+    return load_for_sampling(ckpt or latest_run(runs_dir), official_args=official)
+
+
+def default_steps(mode: str) -> int:
+    return 250 if mode in ("sde", "ddpm") else 50
+
+
+def sample_model(
+    model: SamplingModel,
+    *,
+    mode: str | None = None,
+    steps: int | None = None,
+    solver: str = "euler",
+    cfg: float = 1.0,
+    interval: tuple[float, float] = (0.0, 1.0),
+    cfg_channels: int | None = None,
+    num: int = 64,
+    classes: Sequence[int] | None = None,
+    class_balanced: bool = False,
+    seed: int = 0,
+    batch: int = 64,
+    out: str | Path | None = None,
+    vae: str = DEFAULT_VAE,
+    png: bool = True,
+    from_hub: str | None = None,
+    progress: bool = True,
+    console=None,
+) -> SampleRun:
+    """`num` samples of `model` written as PNGs, a grid and an ADM `.npz`.
+
+    `mode` defaults to the model's ("ode" for a SiT, "ddpm" for a DiT) and `steps` to 50
+    (ODE, DDIM) or 250 (SDE, DDPM). Latent-space models are decoded with `vae`. The output
+    folder defaults to RUN/samples/SETTINGS, or samples/NAME-SETTINGS in the working
+    directory for a checkpoint file or a Hub model (`from_hub` names it)."""
+    mode = mode or model.default_mode
+    spec = SamplerSpec(
+        mode,
+        steps or default_steps(mode),
+        solver=solver,
+        cfg_scale=cfg,
+        interval=interval,
+        path=model.path,
+        cfg_channels=cfg_channels,
+    )
+    labels = choose_labels(
+        num, model.sit.config.num_classes, seed=seed, classes=classes, balanced=class_balanced
+    )
+    space = SDVAELatents(load_vae(vae)) if model.latent else Pixels()
+    name = f"{spec.name}-seed{seed}-n{num}"
+    if out is not None:
+        folder = Path(out)
+    elif from_hub is not None:  # not inside the Hub cache
+        folder = Path("samples") / f"{from_hub.replace('/', '--')}-{name}"
+    elif model.source.is_file():  # an official checkpoint: beside the working directory
+        folder = Path("samples") / f"{model.source.stem}-{name}"
+    else:
+        folder = model.source / "samples" / name
+    samples = generate(
+        model.sit,
+        spec,
+        num=num,
+        labels=labels,
+        seed=seed,
+        batch_size=batch,
+        space=space,
+        out=folder,
+        png=png,
+        progress=progress,
+        console=console,
+    )
+    return SampleRun(model, spec, samples)
