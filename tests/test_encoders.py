@@ -125,6 +125,14 @@ def test_precomputed_features_of_each_encoder(folders, tmp_path, monkeypatch):
     again = precompute_features(encoders, dataset, progress=False)
     for a, b in zip(first, again, strict=True):
         np.testing.assert_array_equal(a, b)
+    files = sorted((tmp_path / "features").iterdir())
+    whole = [f.read_bytes() for f in files]
+    for cached in files:  # truncated by a crash: computed again, and the file rewritten
+        cached.write_bytes(cached.read_bytes()[:100])
+    recomputed = precompute_features(encoders, dataset, batch_size=2, progress=False)
+    for a, b in zip(first, recomputed, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert [f.read_bytes() for f in files] == whole
 
 
 def _two_encoder_recipe(out, folders, **train):

@@ -14,3 +14,8 @@ class RepaError(Exception):
 
 class ConfigError(RepaError, ValueError):
     """A setting or argument outside what it may be (a model size, a sampler option, ...)."""
+
+
+class StorageError(RepaError, OSError):
+    """A file or folder that cannot be written or read as needed (no permission, a full disk,
+    a truncated file); the message names it."""

@@ -5,6 +5,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .files import storage_errors
+
 
 def make_grid(images: np.ndarray, nrow: int, pad: int = 2) -> np.ndarray:
     """uint8 (N, C, H, W) -> one uint8 (H', W', C) mosaic with `nrow` images per row."""
@@ -24,6 +26,7 @@ def save_grid(images: np.ndarray, path: str | Path, nrow: int, scale: int = 1) -
     if scale > 1:
         pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pil.save(path)
+    with storage_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pil.save(path)
     return path

@@ -2,6 +2,7 @@
 features of every image of an in-memory dataset (MNIST-5k), so training never runs them."""
 
 import hashlib
+import logging
 from collections.abc import Sequence
 
 import equinox as eqx
@@ -13,6 +14,8 @@ from ..core.files import atomic_file
 from ..core.paths import cache_dir
 from ..pretrained.encoders import TargetEncoder
 from .datasets import ImageDataset
+
+logger = logging.getLogger(__name__)
 
 
 def precompute_features(
@@ -36,8 +39,11 @@ def precompute_features(
         name = f"{dataset.name}-{images_hash}-{weights_hash}-{enc.resolution}.npy"
         path = cache_dir() / "features" / name
         if path.exists():
-            out.append(np.load(path))
-            continue
+            try:
+                out.append(np.load(path))
+                continue
+            except (OSError, ValueError, EOFError) as e:  # truncated: computed again
+                logger.warning("target features cache %s is unreadable (%s): recomputing", path, e)
         feats = map_batches(
             lambda images, enc=enc: np.asarray(enc(images)).astype(np.float16),
             dataset.images,

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from ..core.files import atomic_dir
@@ -76,4 +77,12 @@ def read_header(path: str | Path) -> dict[str, Any]:
 
 def read(path: str | Path, skeleton):
     """The converted weights of `path` in `skeleton` (a network or its `eval_shape`)."""
-    return unflatten(load_file(Path(path) / WEIGHTS), skeleton)
+    file = Path(path) / WEIGHTS
+    try:
+        tensors = load_file(file)
+    except (SafetensorError, OSError) as e:
+        raise PretrainedNotFound(
+            f"{file} is damaged or unreadable ({e}): convert again with `repa convert "
+            "SOURCE --force`, or delete the folder"
+        ) from None
+    return unflatten(tensors, skeleton)

@@ -5,6 +5,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
 from ..core.errors import RepaError
@@ -84,7 +85,10 @@ def load_safetensors(folder: str | Path) -> dict[str, np.ndarray]:
     if not files:
         raise PretrainedNotFound(f"No *.safetensors file in {folder}.")
     for file in files:
-        part = load_file(file)
+        try:
+            part = load_file(file)
+        except (SafetensorError, OSError) as e:
+            raise PretrainedNotFound(f"{file} is damaged or unreadable ({e})") from None
         clash = tensors.keys() & part.keys()
         if clash:
             raise PretrainedNotFound(f"{file} repeats tensors of another shard: {sorted(clash)}")

@@ -493,8 +493,13 @@ def _download(target: Path) -> None:
             raise OSError(f"got SHA-256 {digest.hexdigest()[:8]}..., expected {SHA256_PREFIX}...")
 
 
-def _weights_file(download: bool) -> Path:
-    """The cached weights file, downloaded into the cache first if absent and allowed."""
+def inception_weights_file(path: str | Path | None = None, *, download: bool = True) -> Path:
+    """`path`, or the cached weights file, downloaded into the cache first if absent and
+    allowed."""
+    if path:
+        if not Path(path).is_file():
+            raise InceptionWeightsNotFound(f"{path} does not exist")
+        return Path(path)
     target = cache_dir() / "inception" / FILENAME
     if target.exists():
         return target
@@ -517,4 +522,4 @@ def load_inception(path: str | Path | None = None, *, download: bool = True) -> 
     downloaded from pytorch-fid's GitHub release if absent (unless `download=False`).
     Both torch.save formats are read without torch, refusing anything but tensors.
     """
-    return from_state_dict(read_state_dict(Path(path) if path else _weights_file(download)))
+    return from_state_dict(read_state_dict(inception_weights_file(path, download=download)))

@@ -9,8 +9,8 @@ import json
 from pathlib import Path
 
 from ..core.errors import RepaError
-from .export import CONFIG, export_files, export_run
 from ..training.recipe import load_recipe
+from .export import CONFIG, export_files, export_run
 
 
 class PushError(RepaError, ValueError):
