@@ -87,7 +87,7 @@ def load_run(path: str | Path, *, step: int | None = None, ema: bool = True) -> 
     elif step not in steps:
         raise RunNotFound(f"{path} has no checkpoint at step {step} (it has {steps})")
     recipe = load_recipe(path / "recipe.toml")
-    flat, _ = Checkpointer(path / "checkpoints").restore_flat(step)
+    flat, _ = Checkpointer(path / "checkpoints", read_only=True).restore_flat(step)
     prefix = ("ema" if ema else "model") + "/sit/"
     weights = {k[len(prefix) :]: np.asarray(v) for k, v in flat.items() if k.startswith(prefix)}
     if "label_table" not in weights:
