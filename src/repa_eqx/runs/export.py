@@ -32,8 +32,9 @@ WEIGHTS = "model.safetensors"
 TRAIN_STATE = "train_state.safetensors"
 CARD = "README.md"
 GRID = "samples.png"
+EVAL_CARD = "eval_card.json"  # how the in-training evaluation made its numbers
 # Every file an export may hold, in upload order (small files first).
-FILES = (CONFIG, CARD, GRID, WEIGHTS, TRAIN_STATE)
+FILES = (CONFIG, CARD, GRID, EVAL_CARD, WEIGHTS, TRAIN_STATE)
 # The SD-VAE that decodes latent-space samples, as in REPA (and `repa sample --vae`).
 SAMPLING_VAE = "stabilityai/sd-vae-ft-ema"
 # Throughput of the training machine, not a property of the model.
@@ -108,8 +109,10 @@ def model_card(
     repo_id: str,
     revision: str | None,
     has_grid: bool,
+    eval_card: dict | None = None,
 ) -> str:
-    """The README.md of an export: Hub metadata, what the model is, its metrics, usage."""
+    """The README.md of an export: Hub metadata, what the model is, its metrics and how they
+    were made, usage."""
     sit, step = config["sit"], config["step"]
     space = "SD-VAE latent" if config["latent"] else "pixel"
     size = sit["input_size"] * (8 if config["latent"] else 1)
@@ -160,6 +163,8 @@ def model_card(
         _metrics_table(metrics),
         "",
     ]
+    if eval_card is not None:
+        lines += _eval_card_lines(eval_card)
     if has_grid:
         lines += ["## Samples", "", f"![samples]({GRID})", ""]
     lines += [
@@ -197,6 +202,27 @@ def model_card(
         "",
     ]
     return "\n".join(lines)
+
+
+def _eval_card_lines(card: dict) -> list[str]:
+    """The in-training evaluation's card as a model-card section."""
+    samples, reference, sampler = card["samples"], card["reference"], card["samples"]["sampler"]
+    low, high = sampler["interval"]
+    lines = [
+        "## How the evaluation metrics were made",
+        "",
+        f"- samples: {samples['num']} {samples['labels']} samples of {card['model']}, "
+        f"seed {samples['seed']} ({samples['noise']}), {sampler['mode']} sampler, "
+        f"{sampler['num_steps']} steps, guidance {sampler['cfg_scale']:g} on [{low:g}, {high:g}]",
+        f"- reference: {reference['num_images']} images of `{reference['dataset']}` "
+        f"({reference['subset']}; sha256 {reference['sha256'][:16]}...)",
+    ]
+    lines += [f"- {name}: {how}" for name, how in card["metrics"].items()]
+    lines += [
+        f"- repa-eqx {card['repa_eqx']}; the whole card is `{EVAL_CARD}`",
+        "",
+    ]
+    return lines
 
 
 def _prepare(out: Path) -> None:
@@ -254,7 +280,7 @@ def export_run(
     }
     save_file(weights, out / WEIGHTS, metadata={"format": FORMAT, "step": str(model.step)})
     if include_train_state:
-        checkpointer = Checkpointer(run / "checkpoints")
+        checkpointer = Checkpointer(run / "checkpoints", read_only=True)
         flat, _ = checkpointer.restore_flat(model.step)
         checkpointer.close()
         state = {k: np.asarray(v) for k, v in flat.items()}
@@ -262,6 +288,10 @@ def export_run(
     has_grid = (run / GRID).is_file()
     if has_grid:
         shutil.copyfile(run / GRID, out / GRID)
+    eval_card = None
+    if (run / "eval" / "card.json").is_file():
+        eval_card = json.loads((run / "eval" / "card.json").read_text())
+        shutil.copyfile(run / "eval" / "card.json", out / EVAL_CARD)
     metrics = latest_metrics(run / "metrics.jsonl", up_to=model.step)
     card = model_card(
         recipe,
@@ -270,6 +300,7 @@ def export_run(
         repo_id=repo_id or "OWNER/NAME",
         revision=revision,
         has_grid=has_grid,
+        eval_card=eval_card,
     )
     (out / CARD).write_text(card)
     # config.json last: `from_pretrained` takes no half-written export.

@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from ..core.errors import ConfigError
+from ..core.version import version
 from ..pretrained import load_vae
 from ..sampling.samples import SamplerSpec, Samples, choose_labels, generate
 from ..spaces import Pixels, SDVAELatents
@@ -80,7 +81,7 @@ def sample_model(
     mode = mode or model.default_mode
     spec = SamplerSpec(
         mode,
-        steps or default_steps(mode),
+        default_steps(mode) if steps is None else steps,
         solver=solver,
         cfg_scale=cfg,
         interval=interval,
@@ -100,6 +101,24 @@ def sample_model(
         folder = Path("samples") / f"{model.source.stem}-{name}"
     else:
         folder = model.source / "samples" / name
+    if classes is not None:
+        label_rule = {"classes": [int(c) for c in classes]}
+    else:
+        label_rule = "class-balanced" if class_balanced else "uniform at random per example"
+    card = {
+        "model": {
+            "source": str(from_hub or model.source),
+            "step": model.step,
+            "weights": "EMA",
+            "objective": model.objective,
+        },
+        "sampler": dataclasses.asdict(spec),
+        "labels": label_rule,
+        "num": num,
+        "seed": seed,
+        "decoder": vae if model.latent else "pixels",
+        "repa_eqx": version(),
+    }
     samples = generate(
         model.sit,
         spec,
@@ -112,5 +131,6 @@ def sample_model(
         png=png,
         progress=progress,
         console=console,
+        card=card,
     )
     return SampleRun(model, spec, samples)

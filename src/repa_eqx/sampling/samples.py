@@ -8,6 +8,7 @@ number of devices.
 """
 
 import dataclasses
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,12 +25,15 @@ from PIL import Image
 
 from ..core.batching import map_batches
 from ..core.errors import ConfigError
+from ..core.files import atomic_file, storage_errors
 from ..core.images import save_grid
 from ..diffusion.ddpm import Schedule, ddim_sample, ddpm_sample
 from ..diffusion.interpolants import PathType
 from ..diffusion.samplers import ode_sample, sde_sample
 from ..model.sit import SiT
 from ..spaces import Pixels, Space
+
+CARD_KEY = "card"  # the .npz entry that says how the samples were made (JSON)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +54,8 @@ class SamplerSpec:
     cfg_channels: int | None = None
 
     def __post_init__(self):
+        if self.num_steps < 1:
+            raise ConfigError(f"the sampler needs at least one step, got {self.num_steps}")
         if self.cfg_channels is not None and self.mode not in ("ddpm", "ddim"):
             raise ConfigError("cfg_channels applies to the DiT modes 'ddpm' and 'ddim' only")
         if self.mode not in ("ode", "sde", "ddpm", "ddim"):
@@ -150,6 +156,26 @@ def choose_labels(
     return np.asarray(jax.vmap(draw)(keys))
 
 
+def save_samples(
+    path: str | Path, images: np.ndarray, labels: np.ndarray | None = None, *, card=None
+) -> Path:
+    """A sample batch as ADM's evaluator reads it, written atomically: `arr_0` uint8 NHWC
+    images with 3 channels, `labels` if given, and `card` (a JSON string: how the samples
+    were made) if given."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ConfigError(
+            f"{path}: arr_0 must be uint8 NHWC images with 3 channels, "
+            f"got {images.dtype} {images.shape}"
+        )
+    extra = {} if labels is None else {"labels": np.asarray(labels)}
+    if card is not None:
+        extra[CARD_KEY] = np.array(json.dumps(card))
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, arr_0=images, **extra)
+    return Path(path)
+
+
 def _rgb(images: np.ndarray) -> np.ndarray:
     """Grey images repeated to 3 channels: the layout ADM's evaluator reads."""
     return np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
@@ -177,14 +203,20 @@ def generate(
     devices: Sequence[jax.Device] | None = None,
     progress: bool = True,
     console=None,
+    card: dict | None = None,
 ) -> Samples:
     """`num` samples of `sit` with the given labels, decoded by `space` (default: pixels) to
     uint8 NHWC with 3 channels (grey repeated).
 
     With `out`, writes `out/000000.png`..., `out/grid.png` and `out.npz` (ADM layout:
-    `arr_0` uint8 NHWC, plus `labels`). The batch is split over `devices` (default: all
-    local devices), rounded up to a multiple of their number.
+    `arr_0` uint8 NHWC, plus `labels`, plus `card`, a JSON string of how the samples were
+    made, when given). The batch is split over `devices` (default: all local devices),
+    rounded up to a multiple of their number.
     """
+    if num < 1 or batch_size < 1:
+        raise ConfigError(
+            f"need at least one sample and a batch of one: num {num}, batch {batch_size}"
+        )
     if len(labels) != num:
         raise ConfigError(f"{len(labels)} labels for {num} samples")
     space = space or Pixels()
@@ -213,15 +245,16 @@ def generate(
     npz = folder = None
     if out is not None:
         folder = Path(out)
-        folder.mkdir(parents=True, exist_ok=True)
-        if png:
-            for i, image in enumerate(images):
-                Image.fromarray(image).save(folder / f"{i:06d}.png")
+        with storage_errors(folder):
+            folder.mkdir(parents=True, exist_ok=True)
+            if png:
+                for i, image in enumerate(images):
+                    Image.fromarray(image).save(folder / f"{i:06d}.png")
         n_grid = min(num, 64)
         nrow = 8 if n_grid >= 8 else n_grid
         scale = max(1, 64 // images.shape[1])  # small images: enlarged, pixels kept sharp
         grid = images[:n_grid].transpose(0, 3, 1, 2)
         save_grid(grid, folder / "grid.png", nrow=nrow, scale=scale)
         npz = folder.with_name(folder.name + ".npz")
-        np.savez(npz, arr_0=images, labels=np.asarray(labels))
+        save_samples(npz, images, labels, card=card)
     return Samples(images, np.asarray(labels), npz, folder)
