@@ -120,11 +120,19 @@ def test_ctrl_c_mid_step_saves_a_consistent_checkpoint(tmp_path, monkeypatch):
         np.testing.assert_array_equal(np.asarray(a[name]), np.asarray(b[name]), name)
 
 
-def test_resume_refuses_a_changed_recipe(tmp_path):
+def test_resume_refuses_a_changed_model_and_records_a_changed_optimiser(tmp_path):
     train(tiny_recipe(tmp_path / "r", train={"steps": 5}), progress=False)
-    changed = tiny_recipe(tmp_path / "r", train={"steps": 10}, optim={"lr": 5e-4})
-    with pytest.raises(RecipeError, match="optim.lr"):
-        train(changed, progress=False, resume=True)
+    other_model = tiny_recipe(tmp_path / "r", train={"steps": 10}, model={"depth": 3})
+    with pytest.raises(RecipeError, match="model.depth"):
+        train(other_model, progress=False, resume=True)
+    # A lower learning rate (the usual cure for a spike) is allowed, and recorded.
+    lower_lr = tiny_recipe(tmp_path / "r", train={"steps": 10}, optim={"lr": 5e-4})
+    assert train(lower_lr, progress=False, resume=True).step == 10
+    lines = (tmp_path / "r/resumes.jsonl").read_text().splitlines()
+    (record,) = [json.loads(line) for line in lines]
+    assert record["step"] == 5
+    assert record["changed"] == {"optim.lr": [1e-3, 5e-4], "train.steps": [5, 10]}
+    assert "lr = 0.0005" in (tmp_path / "r/recipe.toml").read_text()
 
 
 def test_checkpoint_mismatch_names_the_weights(tmp_path):

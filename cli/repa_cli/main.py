@@ -65,10 +65,10 @@ def train(
     try:
         r = load_recipe(recipe, set_ or [])
         result = run_training(r, resume=resume, progress=progress)
+    except KeyboardInterrupt as e:  # the loop says what it kept
+        fail(getattr(e, "message", "interrupted before training started"), code=130)
     except errors as e:
         fail(str(e))
-    except KeyboardInterrupt:
-        fail("interrupted: the state was saved; continue with --resume", code=130)
     out = result.run_dir
     summary = ", ".join(f"{k} {v:.4f}" for k, v in result.last.items() if "loss" in k)
     typer.echo(f"done: step {result.step}; {summary}")

@@ -3,6 +3,11 @@
 sample grids and evaluates, and keeps the work done when interrupted."""
 
 import dataclasses
+import datetime
+import importlib.util
+import json
+import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -12,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..core.errors import RepaError
+from ..core.errors import RepaError, StorageError
+from ..core.files import storage_errors
 from ..core.images import save_grid
 from ..core.progress import progress_bar
 from ..data.datasets import ImageDataset, load_mnist_5k
@@ -20,10 +26,11 @@ from ..data.features import precompute_features
 from ..data.pipeline import Batches, LatentSource, PixelSource, Source, batch_dataset
 from ..model.sit import SiTConfig
 from ..pretrained.encoders import EncoderError, TargetEncoder, load_target_encoder
-from ..pretrained.registry import load_vae
+from ..pretrained.registry import load_vae, locate
 from ..sampling.samples import SamplerSpec, example_inputs, sample_jit
 from ..spaces import Pixels, SDVAELatents, Space
-from .checkpoint import Checkpointer
+from .checkpoint import Checkpointer, NonFiniteState
+from .lock import LOCK, RunLock
 from .metrics_log import MetricsLog, plot_eval, plot_metrics
 from .monitor import Monitor
 from .parallel import (
@@ -49,7 +56,16 @@ from .step import StepConfig, init_state, make_optimizer, make_train_step
 
 
 class TrainingDiverged(RepaError, RuntimeError):
-    """The loss became non-finite; the message names the step and the last good checkpoint."""
+    """The loss or the state became non-finite; the message names the step and the last good
+    checkpoint."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; `message` says truthfully what was saved."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
 
 
 @dataclasses.dataclass
@@ -128,8 +144,10 @@ def _flat_keys(table: dict, prefix: str = "") -> dict:
     return out
 
 
-# Keys a resumed run may change: they do not change what is trained.
+# Keys a resumed run may change (recorded in RUN/resumes.jsonl): they change how long, how
+# fast or how it is logged, not what is trained (the optimiser's settings keep its state).
 _MUTABLE_ON_RESUME = (
+    "optim.",
     "train.steps",
     "train.log_every",
     "train.checkpoint_every",
@@ -144,26 +162,26 @@ _MUTABLE_ON_RESUME = (
 )
 
 
-def _check_saved_recipe(run_dir: Path, recipe: Recipe) -> None:
-    """Resuming with a different model, objective or data would silently mix two runs."""
+def _check_saved_recipe(run_dir: Path, recipe: Recipe) -> dict[str, list]:
+    """{key: [saved, now]} of the keys a resume changes; resuming with a different model,
+    objective or data would silently mix two runs, so those are refused."""
     saved_path = run_dir / "recipe.toml"
     if not saved_path.exists():
-        return
+        return {}
     saved = _flat_keys(recipe_to_dict(load_recipe(saved_path)))
     now = _flat_keys(recipe_to_dict(recipe))
-    changed = sorted(
-        k
-        for k in set(saved) | set(now)
-        if saved.get(k) != now.get(k) and not k.startswith(_MUTABLE_ON_RESUME)
-    )
-    if changed:
+    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    refused = [k for k in changed if not k.startswith(_MUTABLE_ON_RESUME)]
+    if refused:
         raise RecipeError(
-            f"--resume: the recipe differs from {saved_path} at " + ", ".join(changed)
+            f"--resume: the recipe differs from {saved_path} at " + ", ".join(refused)
         )
+    return {k: [saved.get(k), now.get(k)] for k in changed}
 
 
-def _prepare_run_dir(recipe: Recipe, *, resume: bool) -> Path:
-    """The run's folder, with the resolved recipe written in it; refuses to overwrite a run."""
+def _prepare_run_dir(recipe: Recipe, *, resume: bool) -> tuple[Path, dict[str, list]]:
+    """The run's folder and what a resume changes in its recipe; refuses to overwrite a run,
+    and to resume one that is not there."""
     run_dir = Path(recipe.output.dir)
     ckpt_dir = run_dir / "checkpoints"
     if not resume and ckpt_dir.exists() and any(ckpt_dir.iterdir()):
@@ -171,9 +189,48 @@ def _prepare_run_dir(recipe: Recipe, *, resume: bool) -> Path:
             f"{run_dir} already holds checkpoints: pass --resume to continue it, or choose "
             "another output.dir"
         )
-    if resume:
-        _check_saved_recipe(run_dir, recipe)
-    return run_dir
+    if resume and not (run_dir / "recipe.toml").is_file():
+        raise RecipeError(f"--resume: {run_dir} is not a run (it has no recipe.toml)")
+    return run_dir, _check_saved_recipe(run_dir, recipe) if resume else {}
+
+
+def _preflight(recipe: Recipe, run_dir: Path, state_bytes: int, latent: bool) -> None:
+    """What the loop will need later, checked before step 1: a writable output folder with
+    room for a checkpoint, and the VAE that decodes the sample grids of a latent run."""
+    ckpt_dir = run_dir / "checkpoints"
+    try:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        probe = ckpt_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise StorageError(f"output.dir {run_dir} is not writable: {e.strerror}") from None
+    free = shutil.disk_usage(ckpt_dir).free
+    # A new checkpoint is complete on disk before the oldest kept one goes.
+    need = 2 * state_bytes + (64 << 20)
+    if free < need:
+        raise StorageError(
+            f"output.dir {run_dir}: {free / 2**30:.2f} GiB free, but checkpoints of this run "
+            f"need about {need / 2**30:.2f} GiB (two of {state_bytes / 2**30:.2f} GiB): free "
+            "some space or choose another output.dir"
+        )
+    if latent:
+        locate(recipe.data.vae).folder()  # the grids' decoder: present (or downloadable) now
+    if recipe.output.wandb is not None and importlib.util.find_spec("wandb") is None:
+        raise RecipeError(
+            "recipe key 'output.wandb' needs the wandb package: pip install 'repa-eqx[wandb]'"
+        )
+
+
+def _record_resume(run_dir: Path, step: int, changed: dict[str, list]) -> None:
+    """What a resume changed, appended to RUN/resumes.jsonl."""
+    record = {
+        "step": step,
+        "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "changed": changed,
+    }
+    with (run_dir / "resumes.jsonl").open("a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def _grid_drawer(
@@ -222,13 +279,22 @@ def _space(recipe: Recipe, data: TrainData) -> Callable[[], Space]:
 
 
 def _restore(checkpointer: Checkpointer, state, shardings, run_dir: Path, console):
-    """(step, state, data iterator state) of the newest readable checkpoint, or the fresh
-    state at step 0 when there is none."""
+    """(step, state, data iterator state) of the newest readable checkpoint; none is an error
+    (a resume never restarts from step 0 in silence)."""
     restored = checkpointer.restore_latest(
         state, shardings, report=lambda m: console.print(f"[yellow]{m}")
     )
     if restored is None:
-        return 0, state, None
+        aside = sorted(p.name for p in checkpointer.directory.glob("corrupt-*"))
+        why = (
+            f"every checkpoint is unreadable (set aside: {', '.join(aside)})"
+            if aside
+            else ("it holds no checkpoint")
+        )
+        raise RecipeError(
+            f"--resume: nothing to resume in {run_dir}: {why}; start it again without --resume "
+            "(after moving it away) or choose another output.dir"
+        )
     start, state, meta = restored
     console.print(f"resumed {run_dir} from step {start}")
     return start, state, meta.get("data")
@@ -275,17 +341,31 @@ def train(
     console=None,
 ) -> TrainResult:
     """Train per `recipe` on every device (the recipe's mesh); outputs go to
-    `recipe.output.dir`. `stop_after` ends the loop early (after that many steps of this call)
-    as if interrupted, for tests."""
+    `recipe.output.dir`, which this process holds locked while it trains. `stop_after` ends the
+    loop early (after that many steps of this call) as if interrupted, for tests."""
     from rich.console import Console
 
     console = console or Console(stderr=True)
     lead = jax.process_index() == 0  # writes logs, plots and grids; every process checkpoints
-    run_dir = _prepare_run_dir(recipe, resume=resume)
+    with storage_errors(recipe.output.dir):
+        run_dir, changed = _prepare_run_dir(recipe, resume=resume)
     mesh = make_mesh(recipe.mesh.data, recipe.mesh.fsdp)
     check_batch(recipe.data.batch_size, mesh)
+    lock = RunLock(run_dir) if lead else None
+    if lock is not None:
+        with storage_errors(run_dir / LOCK):
+            took_over = lock.acquire()
+        if took_over:
+            console.print(f"[yellow]{run_dir}: {took_over}")
+    try:
+        return _train(recipe, run_dir, mesh, changed, lead, resume, progress, stop_after, console)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(recipe, run_dir, mesh, changed, lead, resume, progress, stop_after, console):
     if lead:
-        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "recipe.toml").write_text(dump_recipe(recipe))
 
     config = sit_config(recipe)
@@ -312,6 +392,7 @@ def train(
             target_features=data.features[0] if data.features else None,
             encoder=loaded[0] if loaded else None,
             progress=progress,
+            out_dir=run_dir / "eval" if lead else None,
         )
 
     optimizer = make_optimizer(recipe)
@@ -323,6 +404,8 @@ def train(
         recipe.train.seed,
         alignment=recipe.loss.alignment,
     )
+    state_bytes = sum(x.nbytes for x in jax.tree.leaves(eqx.filter(state, eqx.is_array)))
+    _preflight(recipe, run_dir, state_bytes, latent=data.dataset is None)
     state_sh = state_shardings(state, mesh, recipe.mesh.fsdp_min_size)
     batch_sh, repl = batch_sharding(mesh), replicated(mesh)
     checkpointer = Checkpointer(
@@ -333,11 +416,28 @@ def train(
     start, data_state = 0, None
     if resume:
         start, state, data_state = _restore(checkpointer, state, state_sh, run_dir, console)
+        if lead:
+            _record_resume(run_dir, start, changed)
+    total = recipe.train.steps
+    if start >= total:
+        console.print(
+            f"{run_dir} is at step {start}, train.steps is {total}: nothing to train "
+            "(raise train.steps to continue)"
+        )
+        checkpointer.close()
+        return TrainResult(run_dir, start, {})
     console.print(describe(mesh, recipe.data.batch_size))
 
-    metrics_log = MetricsLog(run_dir, tensorboard=recipe.output.tensorboard and lead)
+    metrics_log = MetricsLog(
+        run_dir,
+        tensorboard=recipe.output.tensorboard and lead,
+        wandb=recipe.output.wandb if lead else None,
+        config=recipe_to_dict(recipe),
+    )
     if lead:
         metrics_log.truncate_after(start)  # lines logged after the checkpoint we start from
+        if monitor is not None:
+            metrics_log.card("eval_card", monitor.card)
     state_arrays, static_state = eqx.partition(state, eqx.is_array)
     state_arrays = place(state_arrays, state_sh)
     enc_arrays, static_enc = eqx.partition(encoders, eqx.is_array)
@@ -366,17 +466,31 @@ def train(
             checkpointer.save(step, eqx.combine(arrays, static_state), meta)
             saved.append(step)
 
+    def last_good() -> str:
+        checkpointer.wait()
+        step = checkpointer.latest_step()
+        return f"step {step} in {checkpointer.directory}" if step is not None else "none"
+
     draw = _grid_drawer(recipe, config, _space(recipe, data), run_dir, lead)
 
     def ema_of(arrays):
         return eqx.combine(arrays, static_state).ema
 
-    total = recipe.train.steps
+    def log(step: int, metrics) -> dict[str, float]:
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not all(np.isfinite(v) for v in values.values()):
+            raise TrainingDiverged(
+                f"non-finite loss at step {step} ({values}); last good checkpoint: {last_good()}"
+            )
+        if lead:
+            metrics_log.write(step, values)
+        return values
+
     end = total if stop_after is None else min(total, start + stop_after)
     last: dict[str, float] = {}
     bar = progress_bar("train", console=console, disable=not (progress and lead), bar_width=12)
     t_last, step_last = time.perf_counter(), start
-    completed = start
+    completed, unlogged = start, None
     try:
         with bar:
             task = bar.add_task("train", total=total, completed=start, rate="", info="")
@@ -384,31 +498,30 @@ def train(
                 batch = next(batches)
                 state_arrays, metrics = step_fn(state_arrays, batch, enc_arrays)
                 completed = done = step + 1
+                unlogged = (done, metrics)
                 if done % recipe.train.log_every == 0 or done == end:
-                    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    if not all(np.isfinite(v) for v in values.values()):
-                        checkpointer.wait()
-                        last_ckpt = checkpointer.latest_step()
-                        raise TrainingDiverged(
-                            f"non-finite loss at step {done} ({values}); last good checkpoint: "
-                            f"{'step ' + str(last_ckpt) if last_ckpt is not None else 'none'}"
-                        )
+                    values = log(done, metrics)
+                    unlogged = None
                     now = time.perf_counter()
                     rate = (done - step_last) / max(now - t_last, 1e-9)
                     t_last, step_last = now, done
                     values["steps_per_s"] = rate
                     values["images_per_s"] = rate * recipe.data.batch_size
-                    if lead:
-                        metrics_log.write(done, values)
                     last = values
                     bar.update(task, rate=f"{rate:.2f} it/s", info=_log_line(values))
                 bar.update(task, completed=done)
                 if done % recipe.train.checkpoint_every == 0 or done == total:
-                    save(done, state_arrays)
+                    try:
+                        save(done, state_arrays)
+                    except NonFiniteState as e:
+                        raise TrainingDiverged(
+                            f"{e}; last good checkpoint: {last_good()}"
+                        ) from None
                 if done % recipe.train.sample_every == 0 or done == total:
                     draw(done, ema_of(state_arrays))
                     if lead:
                         plot_metrics(metrics_log.path, run_dir / "loss.png")
+                        metrics_log.image("samples", run_dir / "samples.png", done)
                 if monitor and (done % recipe.eval.every == 0 or done == total):
                     scores = monitor(ema_of(state_arrays).sit, done)
                     if lead:
@@ -417,22 +530,46 @@ def train(
                     bar.console.print(
                         f"eval @ {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items())
                     )
-    except KeyboardInterrupt:
-        # Keep the work done so far; --resume continues from here.
-        if completed > start:
-            # The batch of the interrupted step was handed out already: rewind the data
-            # position to the state's step before saving both.
-            batches.restore({"next_index": completed})
-            try:
-                save(completed, state_arrays)
-            except Exception:  # buffers donated mid-step: the last periodic checkpoint remains
-                pass
+            save(end, state_arrays)
+    except BaseException as error:
+        message = _keep_the_work(
+            error, state_arrays, completed, saved, unlogged, log, save, batches, last_good
+        )
+        console.print(f"[yellow]{message}")
         checkpointer.wait()
+        metrics_log.close()
+        if isinstance(error, KeyboardInterrupt):
+            raise TrainingInterrupted(f"interrupted: {message}") from None
         raise
-    save(end, state_arrays)
     checkpointer.wait()
     checkpointer.close()
     metrics_log.close()
     if lead and metrics_log.path.exists():
         plot_metrics(metrics_log.path, run_dir / "loss.png")
     return TrainResult(run_dir, end, last)
+
+
+def _keep_the_work(error, arrays, completed, saved, unlogged, log, save, batches, last_good) -> str:
+    """After any exception in the loop: the last step's metrics line and an emergency
+    checkpoint of its state, if that state is finite and still there; what was kept, said
+    truthfully."""
+    if isinstance(error, TrainingDiverged):
+        return "the state is not finite: no emergency checkpoint was written"
+    if unlogged is not None and unlogged[0] == completed:
+        try:
+            log(*unlogged)
+        except Exception:  # a non-finite or lost metrics line: the checkpoint matters more
+            pass
+    if completed == saved[-1]:
+        return f"nothing new since the last checkpoint ({last_good()})"
+    # The batch of the interrupted step was handed out already: the data position goes back
+    # to the state's step before both are saved.
+    batches.restore({"next_index": completed})
+    try:
+        save(completed, arrays)
+    except Exception as e:  # donated buffers of a step cut short, a full disk, NaN, ...
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return (
+            f"no emergency checkpoint could be written ({reason}); last checkpoint: {last_good()}"
+        )
+    return f"saved an emergency checkpoint: {last_good()}; continue with --resume"

@@ -1,8 +1,12 @@
-"""Training metrics: JSON lines (always), TensorBoard event files (on request), a PNG plot."""
+"""Training metrics: JSON lines (always), TensorBoard event files and a Weights & Biases run
+(on request), PNG plots."""
 
 import json
 import math
+import secrets
 from pathlib import Path
+
+from ..core.files import storage_errors, write_json, write_text
 
 
 def _figure(rows: int, cols: int, figsize: tuple[float, float]):
@@ -15,33 +19,80 @@ def _figure(rows: int, cols: int, figsize: tuple[float, float]):
 
 
 class MetricsLog:
-    def __init__(self, run_dir: str | Path, tensorboard: bool = False):
-        self.path = Path(run_dir) / "metrics.jsonl"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    """Where a run's numbers go: RUN/metrics.jsonl, and on request TensorBoard event files
+    (RUN/tensorboard) and a Weights & Biases run (`wandb`: a `WandbSpec`; its id is kept in
+    RUN/wandb.json so that a resumed run continues it)."""
+
+    def __init__(
+        self, run_dir: str | Path, tensorboard: bool = False, wandb=None, config: dict | None = None
+    ):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / "metrics.jsonl"
+        with storage_errors(self.run_dir):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         self._writer = None
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            self._writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+        self._wandb = _start_wandb(self.run_dir, wandb, config) if wandb is not None else None
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop lines logged after the checkpoint we restart from."""
         if self.path.exists():
             keep = [r for r in read_metrics(self.path) if r["step"] <= step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+            write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
 
     def write(self, step: int, values: dict[str, float]) -> None:
         record = {"step": step, **values}
-        with self.path.open("a") as f:
+        with storage_errors(self.path), self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self._writer is not None:
             for name, value in values.items():
                 self._writer.add_scalar(name, value, step)
             self._writer.flush()
+        if self._wandb is not None:
+            # Our step is a metric, not W&B's own: a resumed run may log a step again.
+            self._wandb.log(record)
+
+    def image(self, name: str, path: str | Path, step: int) -> None:
+        """A PNG (a sample grid) at `step`, for the trackers that show images."""
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.log({"step": step, name: wandb.Image(str(path))})
+
+    def card(self, name: str, card: dict) -> None:
+        """How the run's numbers are made (an evaluation card), for the trackers."""
+        if self._wandb is not None:
+            self._wandb.config.update({name: card}, allow_val_change=True)
 
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def _start_wandb(run_dir: Path, spec, config: dict | None):
+    """The W&B run of this training run: a new one, or the one RUN/wandb.json names."""
+    import wandb
+
+    record = run_dir / "wandb.json"
+    run_id = json.loads(record.read_text())["id"] if record.is_file() else secrets.token_hex(4)
+    run = wandb.init(
+        project=spec.project,
+        entity=spec.entity,
+        name=spec.name or run_dir.name,
+        id=run_id,
+        resume="allow",
+        dir=str(run_dir),
+        config=config,
+    )
+    run.define_metric("*", step_metric="step")
+    write_json(record, {"id": run_id, "project": spec.project, "entity": spec.entity})
+    return run
 
 
 def read_metrics(path: str | Path) -> list[dict]:

@@ -132,6 +132,10 @@ class EvalSpec:
     fd_dinov2_resolution: int = 224
     layer: int | None = None  # default: model.encoder_depth, where REPA aligns
     t: float = 0.5
+    # Examples per batch in every evaluation pass (None: 250 samples, 64 images per DINOv2
+    # batch, 500 per MNIST-classifier batch, 256 per SiT-feature batch). The numbers do not
+    # depend on it; memory does.
+    batch_size: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,9 +149,19 @@ class MeshSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class WandbSpec:
+    # A Weights & Biases run beside metrics.jsonl: metrics, the evaluation card, sample grids.
+    # A resumed training run continues the same W&B run. WANDB_MODE=offline keeps it local.
+    project: str
+    entity: str | None = None
+    name: str | None = None  # default: the output folder's name
+
+
+@dataclasses.dataclass(frozen=True)
 class OutputSpec:
     dir: str = "runs/default"
     tensorboard: bool = False
+    wandb: WandbSpec | None = None
     # Hub repository OWNER/NAME that a bare `repa push-to-hub` publishes this run to.
     hub_repo: str | None = None
 
