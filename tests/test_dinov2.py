@@ -12,7 +12,7 @@ from transformers import Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegis
 
 from repa_eqx import WeightsMismatch
 from repa_eqx.pretrained import PretrainedNotFound
-from repa_eqx.pretrained.dinov2 import Dinov2Config, encode, preprocess
+from repa_eqx.pretrained.dinov2 import Dinov2Config, encode, encode_with_attention, preprocess
 from repa_eqx.pretrained.registry import load_dinov2, locate
 
 PATCH = 14
@@ -112,6 +112,34 @@ def test_timm_interpolation(checkpoint, size):
     if variant == "plain":  # Dinov2Model interpolates without antialias: a real difference
         other = load_dinov2(str(folder), grid=grid, pos_interp="transformers")
         assert np.abs(_ours(other, pixels) - _ours(model, pixels)).max() > 1e-3
+
+
+def test_attention_maps_for_haste(checkpoint):
+    """The attention logits of chosen layers: their softmax is transformers' attention
+    probabilities; the features are unchanged; `encode_with_attention` keeps the patches'
+    rows and columns (CLS and registers dropped), as HASTE's modified DINOv2 returns them."""
+    _, torch_model, folder = checkpoint
+    model = load_dinov2(str(folder))
+    pixels = _pixels(NATIVE)
+    torch_model.set_attn_implementation("eager")  # sdpa returns no attention probabilities
+    with torch.no_grad():
+        probs = torch_model(pixel_values=torch.from_numpy(pixels), output_attentions=True)
+    probs = [a.numpy() for a in probs.attentions]
+    layers = (2, 1)
+    tokens, logits = jax.vmap(lambda im: model.tokens_and_attention(im, layers))(pixels)
+    for i, layer in enumerate(layers):
+        ours = jax.nn.softmax(logits[:, i], axis=-1)
+        np.testing.assert_allclose(ours, probs[layer - 1], rtol=0, atol=1e-5)
+    plain = jax.vmap(model.tokens)(jnp.asarray(pixels))  # the blocks in other scans
+    np.testing.assert_allclose(tokens, plain, rtol=0, atol=1e-5)
+    first = 1 + model.register_tokens.shape[0]
+    images = np.random.default_rng(2).integers(0, 256, (2, 3, NATIVE, NATIVE), dtype=np.uint8)
+    feats, maps = encode_with_attention(model, jnp.asarray(images), NATIVE, (1,))
+    assert maps.shape == (2, 1, 2, 16, 16)
+    np.testing.assert_allclose(feats, encode(model, jnp.asarray(images), NATIVE), atol=1e-5)
+    inputs = jax.vmap(lambda im: preprocess(im, NATIVE))(jnp.asarray(images))
+    _, full = jax.vmap(lambda im: model.tokens_and_attention(im, (1,)))(inputs)
+    np.testing.assert_allclose(maps, full[:, :, :, first:, first:], atol=1e-5)
 
 
 def test_wrong_grid_is_refused(checkpoint):

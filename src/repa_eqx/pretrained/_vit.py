@@ -75,6 +75,12 @@ class SelfAttention(eqx.Module):
         self.num_heads = num_heads
 
     def __call__(self, x: Float[Array, "tokens dim"]) -> Float[Array, "tokens dim"]:
+        return self.attend(x)[0]
+
+    def attend(
+        self, x: Float[Array, "tokens dim"]
+    ) -> tuple[Float[Array, "tokens dim"], Float[Array, "heads tokens tokens"]]:
+        """The output and the attention logits q.k / sqrt(head_dim) (before the softmax)."""
         tokens, dim = x.shape
 
         def heads(proj: eqx.nn.Linear) -> Float[Array, "heads tokens head_dim"]:
@@ -86,7 +92,7 @@ class SelfAttention(eqx.Module):
         logits = jnp.einsum("hqd,hkd->hqk", q, k) / math.sqrt(dim // self.num_heads)
         weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(x.dtype)
         out = jnp.einsum("hqk,hkd->qhd", weights, v).reshape(tokens, dim)
-        return jax.vmap(self.out_proj)(out)
+        return jax.vmap(self.out_proj)(out), logits
 
 
 class Block(eqx.Module):
@@ -121,6 +127,11 @@ class Block(eqx.Module):
     def __call__(self, x: Float[Array, "tokens dim"]) -> Float[Array, "tokens dim"]:
         x = x + self.attention(jax.vmap(self.norm1)(x))
         return x + jax.vmap(lambda t: self.fc2(self.activation(self.fc1(self.norm2(t)))))(x)
+
+
+def slice_layers(blocks: eqx.Module, start: int, stop: int) -> eqx.Module:
+    """Blocks start..stop-1 of blocks stacked on a leading axis."""
+    return jax.tree.map(lambda a: a[start:stop] if eqx.is_array(a) else a, blocks)
 
 
 def run_blocks(blocks: eqx.Module, x: Float[Array, "tokens dim"]) -> Float[Array, "tokens dim"]:

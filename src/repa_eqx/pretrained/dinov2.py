@@ -31,6 +31,7 @@ from ._vit import (
     preprocess,
     resample_pos_embed,
     run_blocks,
+    slice_layers,
     table_grid,
 )
 
@@ -125,8 +126,15 @@ class Dinov2Layer(eqx.Module):
         self.layer_scale2 = jnp.full((dim,), config.layerscale_value)
 
     def __call__(self, x: Float[Array, "tokens dim"]) -> Float[Array, "tokens dim"]:
-        x = x + self.layer_scale1[None, :] * self.attention(jax.vmap(self.norm1)(x))
-        return x + jax.vmap(lambda t: self.layer_scale2 * self.mlp(self.norm2(t)))(x)
+        return self.attend(x)[0]
+
+    def attend(
+        self, x: Float[Array, "tokens dim"]
+    ) -> tuple[Float[Array, "tokens dim"], Float[Array, "heads tokens tokens"]]:
+        """The block's output and its attention logits (before the softmax)."""
+        attended, logits = self.attention.attend(jax.vmap(self.norm1)(x))
+        x = x + self.layer_scale1[None, :] * attended
+        return x + jax.vmap(lambda t: self.layer_scale2 * self.mlp(self.norm2(t)))(x), logits
 
 
 class Dinov2(eqx.Module):
@@ -166,6 +174,28 @@ class Dinov2(eqx.Module):
         x = jnp.concatenate([x[:1], self.register_tokens, x[1:]])
         return jax.vmap(self.norm)(run_blocks(self.layers, x))
 
+    def tokens_and_attention(
+        self, image: Float[Array, "3 H W"], layers: tuple[int, ...]
+    ) -> tuple[Float[Array, "tokens dim"], Float[Array, "layers heads tokens tokens"]]:
+        """`tokens` and the attention logits (q.k / sqrt(head_dim), every token: CLS,
+        registers, patches) of the blocks `layers` (1-based), in that order. The blocks
+        between them run in one scan each, as `tokens` runs them all."""
+        depth = jax.tree.leaves(eqx.filter(self.layers, eqx.is_array))[0].shape[0]
+        if not all(1 <= n <= depth for n in layers):
+            raise ConfigError(f"attention of layers {layers} asked, the DINOv2 has {depth}")
+        x = embed_patches(self, image)
+        x = jnp.concatenate([x[:1], self.register_tokens, x[1:]])
+        logits, done = {}, 0
+        for n in sorted(set(layers)):
+            if n - 1 > done:
+                x = run_blocks(slice_layers(self.layers, done, n - 1), x)
+            layer = jax.tree.map(lambda a, i=n - 1: a[i] if eqx.is_array(a) else a, self.layers)
+            x, logits[n] = layer.attend(x)
+            done = n
+        if done < depth:
+            x = run_blocks(slice_layers(self.layers, done, depth), x)
+        return jax.vmap(self.norm)(x), jnp.stack([logits[n] for n in layers])
+
 
 @eqx.filter_jit
 def encode(
@@ -173,6 +203,21 @@ def encode(
 ) -> Float[Array, "batch patches dim"]:
     """DINOv2 patch features of a batch of uint8 images, preprocessed as REPA does."""
     return jax.vmap(lambda image: model(preprocess(image, resolution)))(images)
+
+
+@eqx.filter_jit
+def encode_with_attention(
+    model: Dinov2, images: UInt8[Array, "batch C H W"], resolution: int, layers: tuple[int, ...]
+) -> tuple[Float[Array, "batch patches dim"], Float[Array, "batch layers heads patches patches"]]:
+    """`encode`'s patch features, and the attention logits of `layers` (1-based) between the
+    patches alone (the CLS and register rows and columns dropped), as HASTE distils them."""
+    first = 1 + model.register_tokens.shape[0]
+
+    def one(image):
+        tokens, logits = model.tokens_and_attention(preprocess(image, resolution), layers)
+        return tokens[first:], logits[:, :, first:, first:]
+
+    return jax.vmap(one)(images)
 
 
 @eqx.filter_jit

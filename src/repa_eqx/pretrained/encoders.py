@@ -2,6 +2,7 @@
 MAE) on the SiT's token grid, preprocessing its uint8 input as the REPA reference does."""
 
 import equinox as eqx
+import jax
 import numpy as np
 from jaxtyping import Array, Float, UInt8
 
@@ -38,6 +39,25 @@ class TargetEncoder(eqx.Module):
         self, images: UInt8[Array | np.ndarray, "batch c h w"]
     ) -> Float[Array, "batch tokens dim"]:
         return _BY_CLASS[type(self.model)].encode(self.model, images, self.resolution)
+
+    def with_attention(
+        self, images: UInt8[Array | np.ndarray, "batch c h w"], layers: tuple[int, ...]
+    ) -> tuple[Float[Array, "batch tokens dim"], Float[Array, "batch layers heads tokens tokens"]]:
+        """The patch features and the attention logits between patches of the blocks `layers`
+        (1-based): what HASTE distils. DINOv2 only, as HASTE's released code."""
+        if not isinstance(self.model, dinov2.Dinov2):
+            raise EncoderError(
+                "id", f"{self.name!r}: attention distillation needs a DINOv2 target encoder"
+            )
+        return dinov2.encode_with_attention(self.model, images, self.resolution, layers)
+
+    @property
+    def num_layers(self) -> int:
+        return jax.tree.leaves(eqx.filter(self.model.layers, eqx.is_array))[0].shape[0]
+
+    @property
+    def num_heads(self) -> int:
+        return self.model.layers.attention.num_heads
 
     @property
     def dim(self) -> int:
