@@ -267,6 +267,8 @@ def _torch_reference(args: dict, seed: int):
             a = layer_norm(x) * (1 + scale_a) + shift_a
             n, tokens, _ = a.shape
             q, k_, v = self.attn.qkv(a).view(n, tokens, 3, heads, h // heads).permute(2, 0, 3, 1, 4)
+            # HASTE's Attention (its sit.py): the logits it distils, beside the fused attention.
+            self.attn_logits = (q * (h // heads) ** -0.5) @ k_.transpose(-2, -1)
             a = F.scaled_dot_product_attention(q, k_, v).transpose(1, 2).reshape(n, tokens, h)
             x = x + gate_a * self.attn.proj(a)
             m = layer_norm(x) * (1 + scale_m) + shift_m
@@ -364,6 +366,34 @@ def test_official_checkpoint_matches_the_reference(tmp_path):
     x, t, y = _inputs(model.sit.config, seed=1)
     v_ref, _ = _reference_outputs(fresh, x, t, y)
     np.testing.assert_allclose(_forward(model, x, t, y)[0], v_ref, rtol=0, atol=1e-4)
+
+
+def test_sit_attention_logits_match_hastes_reference():
+    """The attention logits `SiT.forward(attention=...)` returns for HASTE are the reference
+    blocks' (q * head_dim^-0.5) @ k^T, and asking for them leaves every output unchanged."""
+    torch = pytest.importorskip("torch")
+    reference = _torch_reference(PARITY_ARGS, seed=3)
+    config, z_dims, projector_dim = official_config(PARITY_ARGS)
+    state = {k: v.numpy() for k, v in reference.state_dict().items()}
+    model = from_official_state_dict(state, config, z_dims, projector_dim)
+    x, t, y = _inputs(config)
+    with torch.no_grad():
+        reference(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(y))
+    blocks = (2, 3)  # 1-based; the second is past encoder_depth 2
+
+    @eqx.filter_jit
+    def run(model, x, t, y):
+        return jax.vmap(lambda a, b, c: model.forward(a, b, c, attention=blocks))(x, t, y)
+
+    out = run(model, x, t, y)
+    for block, logits in zip(blocks, out.attention, strict=True):
+        ref = reference.blocks[block - 1].attn_logits.numpy()
+        assert logits.shape == ref.shape == (3, 4, 16, 16) and np.abs(ref).max() > 1
+        np.testing.assert_allclose(logits, ref, rtol=0, atol=2e-4 * np.abs(ref).max())
+    v, zs = _forward(model, x, t, y)
+    np.testing.assert_array_equal(out.output, v)
+    for a, b in zip(out.projected, zs, strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_bare_state_dict_needs_args_and_pos_embed_is_checked(tmp_path):

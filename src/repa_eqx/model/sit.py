@@ -12,6 +12,7 @@ without keeping every layer's activations.
 import dataclasses
 import math
 import re
+from typing import NamedTuple
 
 import equinox as eqx
 import jax
@@ -144,6 +145,13 @@ class SiTBlock(eqx.Module):
     def __call__(
         self, x: Float[Array, "tokens hidden"], c: Float[Array, " hidden"]
     ) -> Float[Array, "tokens hidden"]:
+        return self.attend(x, c, logits=False)[0]
+
+    def attend(
+        self, x: Float[Array, "tokens hidden"], c: Float[Array, " hidden"], logits: bool = True
+    ) -> tuple[Float[Array, "tokens hidden"], Float[Array, "heads tokens tokens"] | None]:
+        """The block's output and (`logits`) its attention logits q.k / sqrt(head_dim) in
+        float32, before the softmax: what HASTE distils."""
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(
             dense(self.adaln, jax.nn.silu(c)), 6
         )
@@ -154,7 +162,11 @@ class SiTBlock(eqx.Module):
         x = x + gate_a * dense(self.proj, attn)
         h = modulate(layer_norm(x, _LN_EPS), shift_m, scale_m)
         h = dense(self.fc2, jax.nn.gelu(dense(self.fc1, h), approximate=True))
-        return x + gate_m * h
+        if not logits:
+            return x + gate_m * h, None
+        scale = q.shape[-1] ** -0.5
+        lg = jnp.einsum("qhd,khd->hqk", q[:, 0], k[:, 0], preferred_element_type=jnp.float32)
+        return x + gate_m * h, lg * scale
 
 
 # What a block keeps for the backward pass (`jax.checkpoint` policies), per recipe key
@@ -170,13 +182,14 @@ REMAT_POLICIES = {
 }
 
 
-def _run_blocks(blocks: SiTBlock, x, c, remat: str = "none"):
+def _run_blocks(blocks: SiTBlock, x, c, remat: str = "none", logits: bool = False):
+    """The blocks in one scan; with `logits`, also each block's attention logits (stacked)."""
     # bf16 weights also travel laid out (in, out) for the forward products: transposed once
     # here, outside the scan (a no-op in float32).
     params, static = eqx.partition(lay_out_for_lowp(blocks), eqx.is_array)
 
     def block(x, block_params, c):
-        return eqx.combine(block_params, static)(x, c)
+        return eqx.combine(block_params, static).attend(x, c, logits=logits)
 
     if remat not in REMAT_POLICIES:
         raise ConfigError(f"unknown remat {remat!r}: choose from {sorted(REMAT_POLICIES)}")
@@ -184,14 +197,21 @@ def _run_blocks(blocks: SiTBlock, x, c, remat: str = "none"):
         block = jax.checkpoint(block, policy=REMAT_POLICIES[remat])
 
     def step(x, block_params):
-        return block(x, block_params, c), None
+        return block(x, block_params, c)
 
-    return jax.lax.scan(step, x, params)[0]
+    x, stacked = jax.lax.scan(step, x, params)
+    return (x, stacked) if logits else x
 
 
 def slice_blocks(blocks: SiTBlock, start: int, stop: int) -> SiTBlock:
     """Blocks start..stop-1 of a stacked block pytree."""
     return jax.tree.map(lambda a: a[start:stop] if eqx.is_array(a) else a, blocks)
+
+
+class SiTOutputs(NamedTuple):
+    output: Float[Array, "c_out h w"]  # the velocity (DiT: noise and variance)
+    hidden: tuple[Float[Array, "tokens hidden"], ...]  # after each block asked
+    attention: tuple[Float[Array, "heads tokens tokens"], ...]  # logits of each block asked
 
 
 class SiT(eqx.Module):
@@ -272,7 +292,29 @@ class SiT(eqx.Module):
     ) -> tuple[Float[Array, "c_out h w"], Float[Array, "tokens hidden"]]:
         """`remat` only changes what training keeps for the backward pass (`REMAT_POLICIES`),
         never the result."""
+        out = self.forward(x, t, y, key=key, remat=remat)
+        return out.output, out.hidden[0]
+
+    def forward(
+        self,
+        x: Float[Array, "c h w"],
+        t: Float[Array, ""],
+        y: Int[Array, ""],
+        *,
+        key: PRNGKeyArray | None = None,
+        remat: str = "none",
+        depths: tuple[int, ...] | None = None,
+        attention: tuple[int, ...] = (),
+    ) -> "SiTOutputs":
+        """The output, the hidden states after each block of `depths` (1-based; default:
+        `encoder_depth` alone) and the attention logits of the blocks `attention` (1-based).
+        The block stack is scanned in one segment between each two of those blocks."""
         cfg = self.config
+        depths = (cfg.encoder_depth,) if depths is None else tuple(depths)
+        if not all(1 <= d <= cfg.depth for d in (*depths, *attention)):
+            raise ConfigError(
+                f"blocks {depths} and attention {attention} asked, the SiT has {cfg.depth}"
+            )
         if x.shape != (cfg.in_channels, cfg.input_size, cfg.input_size):
             raise ConfigError(
                 f"SiT expects input {(cfg.in_channels, cfg.input_size, cfg.input_size)}, "
@@ -285,12 +327,23 @@ class SiT(eqx.Module):
         tokens = tokens + jnp.asarray(sincos_pos_embed_2d(cfg.hidden_size, cfg.grid_size), dtype)
         c = self.embed(t, y, key=key)
 
-        k = cfg.encoder_depth
-        tokens = _run_blocks(slice_blocks(self.blocks, 0, k), tokens, c, remat)
-        hidden = tokens
-        if k < cfg.depth:
-            tokens = _run_blocks(slice_blocks(self.blocks, k, cfg.depth), tokens, c, remat)
+        hidden, logits = {}, {}
+        # Segment ends: each depth asked, and each attention block alone (its logits out).
+        ends = sorted({*depths, *attention, *(a - 1 for a in attention), cfg.depth} - {0})
+        done = 0
+        for end in ends:
+            segment = slice_blocks(self.blocks, done, end)
+            if end in attention and end - done == 1:
+                tokens, stacked = _run_blocks(segment, tokens, c, remat, logits=True)
+                logits[end] = stacked[0]
+            else:
+                tokens = _run_blocks(segment, tokens, c, remat)
+            hidden[end], done = tokens, end
 
         shift, scale = jnp.split(dense(self.final_adaln, jax.nn.silu(c)), 2)
         out = dense(self.final_linear, modulate(layer_norm(tokens, _LN_EPS), shift, scale))
-        return self.unpatchify(out), hidden
+        return SiTOutputs(
+            self.unpatchify(out),
+            tuple(hidden[k] for k in depths),
+            tuple(logits[a] for a in attention),
+        )
