@@ -20,8 +20,9 @@ CONFIG = SiTConfig(
 
 
 def test_methods_are_registered_by_their_recipe_value():
-    assert METHODS == {"repa": METHODS["repa"]} and isinstance(get_method("repa"), REPA)
-    assert all(isinstance(m, AlignmentMethod) and m.name == k for k, m in METHODS.items())
+    assert sorted(METHODS) == ["irepa", "repa"] and isinstance(get_method("repa"), REPA)
+    assert all(issubclass(m, AlignmentMethod) and m.name == k for k, m in METHODS.items())
+    assert get_method("irepa", kernel_size=3).kernel_size == 3
     with pytest.raises(ConfigError, match="unknown alignment method 'nope'"):
         get_method("nope")
 
@@ -60,5 +61,5 @@ def test_repa_model_carries_the_methods_heads():
 
 def test_the_recipe_names_the_method(tmp_path):
     assert tiny_recipe(tmp_path).loss.alignment == "repa"
-    with pytest.raises(RecipeError, match="'loss.alignment' must be one of \\['repa'\\]"):
-        tiny_recipe(tmp_path, loss={"alignment": "irepa"})
+    with pytest.raises(RecipeError, match="'loss.alignment' must be one of \\['irepa', 'repa'\\]"):
+        tiny_recipe(tmp_path, loss={"alignment": "crepa"})

@@ -16,7 +16,7 @@ from repa_eqx.data.datasets import ImageDataset
 from repa_eqx.data.features import precompute_features
 from repa_eqx.pretrained import clip, dinov2, mae
 from repa_eqx.training.loop import load_encoders, train
-from repa_eqx.training.objective import repa_objective
+from repa_eqx.training.objective import Terms, repa_objective
 from repa_eqx.training.recipe import EncoderSpec, RecipeError, parse_recipe, sit_config
 from repa_eqx.training.step import init_state, make_optimizer
 
@@ -181,7 +181,7 @@ def test_two_encoders_two_projectors_two_terms(folders, tmp_path):
     @eqx.filter_jit
     def repa_terms(model):
         def repa(m, t):
-            kwargs = dict(path="linear", weighting="uniform", proj_coeff=0.5)
+            kwargs = dict(path="linear", weighting="uniform", terms=Terms(proj_coeff=0.5))
             return repa_objective(m, x, y, t, jax.random.key(1), **kwargs)[1]["repa_loss"]
 
         # The same SiT and noise with only encoder i and its projector.

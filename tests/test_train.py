@@ -13,7 +13,7 @@ from repa_eqx.core.pytree import CheckpointMismatch, flatten
 from repa_eqx.data.datasets import batch_indices, load_mnist_5k
 from repa_eqx.training.checkpoint import Checkpointer
 from repa_eqx.training.loop import TrainingDiverged, train
-from repa_eqx.training.objective import repa_objective
+from repa_eqx.training.objective import Terms, repa_objective
 from repa_eqx.training.recipe import RecipeError, parse_recipe, sit_config
 from repa_eqx.training.step import StepConfig, init_state, make_optimizer, make_train_step
 
@@ -188,9 +188,9 @@ def test_lambda_zero_is_the_vanilla_objective():
     feats = (jax.random.normal(jax.random.key(2), (4, 16, 16)),)
     key = jax.random.key(3)
     kw = dict(path="linear", weighting="uniform")
-    repa, aux = repa_objective(state.model, x, y, feats, key, proj_coeff=0.5, **kw)
-    zero, _ = repa_objective(state.model, x, y, feats, key, proj_coeff=0.0, **kw)
-    vanilla, _ = repa_objective(state.model, x, y, (), key, proj_coeff=0.5, **kw)
+    repa, aux = repa_objective(state.model, x, y, feats, key, terms=Terms(proj_coeff=0.5), **kw)
+    zero, _ = repa_objective(state.model, x, y, feats, key, terms=Terms(proj_coeff=0.0), **kw)
+    vanilla, _ = repa_objective(state.model, x, y, (), key, terms=Terms(proj_coeff=0.5), **kw)
     assert float(zero) == float(vanilla) == float(aux["denoise_loss"])
     assert float(repa) == pytest.approx(float(vanilla) + 0.5 * float(aux["repa_loss"]), rel=1e-6)
 

@@ -5,8 +5,8 @@ denoising loss. It trains heads (one per frozen target encoder) on the SiT's hid
 after block `encoder_depth`, says what each encoder's features become before they are
 compared (`targets`), and scores the heads' outputs against them (`loss`). `REPAModel`
 carries the heads; the trainer calls `targets` and `loss` and logs the loss as `loss_name`.
-A new method is a subclass in a module of its own, registered in `alignment.METHODS`, and
-chosen with the recipe key `loss.alignment`.
+A new method is a frozen dataclass subclass in a module of its own (its fields are its
+settings), registered in `alignment.METHODS`, and chosen with the recipe key `loss.alignment`.
 """
 
 import abc

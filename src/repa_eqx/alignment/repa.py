@@ -1,6 +1,7 @@
 """REPA (Yu et al. 2024): an MLP projector per target encoder on the SiT's hidden state, and
 minus the cosine similarity of its outputs to the encoder's patch features."""
 
+import dataclasses
 from collections.abc import Sequence
 
 import equinox as eqx
@@ -54,6 +55,7 @@ def repa_loss(
     return jnp.mean(jnp.stack(per_encoder))
 
 
+@dataclasses.dataclass(frozen=True)
 class REPA(AlignmentMethod):
     """The reference's method: `Projector` heads, features as they are, `repa_loss`."""
 

@@ -117,13 +117,35 @@ def model_card(
     space = "SD-VAE latent" if config["latent"] else "pixel"
     size = sit["input_size"] * (8 if config["latent"] else 1)
     encoders = ", ".join(f"`{e}`" for e in config["encoders"])
-    if encoders and recipe.loss.proj_coeff:
+    loss = recipe.loss
+    if encoders and loss.proj_coeff:
+        method = {"repa": "REPA", "irepa": "iREPA"}.get(loss.alignment, loss.alignment)
+        if loss.alignment == "irepa":
+            method += f" (a {loss.irepa.kernel_size}x{loss.irepa.kernel_size} conv projector"
+            method += f", spatially z-scored targets, alpha {loss.irepa.alpha:g})"
         repa = (
-            f"REPA aligns block {sit['encoder_depth']}'s hidden states with {encoders} "
-            f"(coefficient {recipe.loss.proj_coeff:g})"
+            f"{method} aligns block {sit['encoder_depth']}'s hidden states with {encoders} "
+            f"(coefficient {loss.proj_coeff:g})"
         )
     else:
         repa = "no REPA alignment (a plain SiT baseline)"
+    if encoders and loss.haste is not None:
+        repa += (
+            f"; HASTE's attention distillation of SiT blocks {list(loss.haste.sit_blocks)} "
+            f"against teacher layers {list(loss.haste.teacher_layers)} ({loss.haste.heads} "
+            f"heads, coefficient {loss.haste.coeff:g})"
+        )
+    if loss.schedule.steps or loss.schedule.stop is not None:
+        points = list(zip(loss.schedule.steps, loss.schedule.weights, strict=True))
+        repa += f"; alignment weight schedule {points or 'constant'}"
+        if loss.schedule.stop is not None:
+            repa += f", off from step {loss.schedule.stop}"
+    if loss.dispersive is not None and loss.dispersive.coeff:
+        d = loss.dispersive
+        repa += (
+            f"; dispersive loss (InfoNCE-L2, tau {d.tau:g}, coefficient {d.coeff:g}) on block "
+            f"{d.block or sit['depth']}'s hidden states"
+        )
     o, d = recipe.optim, recipe.data
     lines = [
         "---",

@@ -47,9 +47,13 @@ from .recipe import (
     EncoderSpec,
     Recipe,
     RecipeError,
+    alignment_method,
+    attention_distillation,
+    dispersive_term,
     dump_recipe,
     load_recipe,
     recipe_to_dict,
+    schedule_points,
     sit_config,
 )
 from .step import StepConfig, init_state, make_optimizer, make_train_step
@@ -325,10 +329,29 @@ def _batches(recipe: Recipe, source: Source, start: int, data_state, sharding) -
     return batches
 
 
+def _check_teacher(recipe: Recipe, teacher) -> None:
+    """HASTE's teacher has the layers and heads the recipe pairs with the SiT's."""
+    haste = recipe.loss.haste
+    if not all(1 <= n <= teacher.num_layers for n in haste.teacher_layers):
+        raise RecipeError(
+            f"recipe key 'loss.haste.teacher_layers': {list(haste.teacher_layers)} not all in "
+            f"[1, {teacher.num_layers}] ({teacher.name} has {teacher.num_layers} layers)"
+        )
+    if haste.heads > teacher.num_heads:
+        raise RecipeError(
+            f"recipe key 'loss.haste.heads': {haste.heads} heads, {teacher.name} has "
+            f"{teacher.num_heads}"
+        )
+
+
 def _log_line(values: dict[str, float]) -> str:
     info = f"loss {values['loss']:.4f}"
     if "repa_loss" in values:
         info += f"  repa {values['repa_loss']:+.4f}"
+    if "attn_loss" in values:
+        info += f"  attn {values['attn_loss']:.4f}"
+    if "dispersive_loss" in values:
+        info += f"  disp {values['dispersive_loss']:+.4f}"
     return info
 
 
@@ -380,6 +403,8 @@ def _train(recipe, run_dir, mesh, changed, lead, resume, progress, stop_after, c
     )
     loaded = load_encoders(recipe.encoders, config.grid_size) if use_repa or eval_only else ()
     encoders = loaded if use_repa else ()  # the ones the training step uses
+    if encoders and recipe.loss.haste is not None:
+        _check_teacher(recipe, encoders[0])
     data = _load_data(recipe, loaded, config, in_step=use_repa, progress=progress, console=console)
     config = sit_config(recipe, num_classes=data.num_classes)
 
@@ -402,7 +427,7 @@ def _train(recipe, run_dir, mesh, changed, lead, resume, progress, stop_after, c
         recipe.model.projector_dim,
         optimizer,
         recipe.train.seed,
-        alignment=recipe.loss.alignment,
+        alignment=alignment_method(recipe),
     )
     state_bytes = sum(x.nbytes for x in jax.tree.leaves(eqx.filter(state, eqx.is_array)))
     _preflight(recipe, run_dir, state_bytes, latent=data.dataset is None)
@@ -451,7 +476,11 @@ def _train(recipe, run_dir, mesh, changed, lead, resume, progress, stop_after, c
         latent_scale=data.latent_scale,
         objective=recipe.loss.objective,
         remat=recipe.train.remat,
-        alignment=recipe.loss.alignment,
+        alignment=alignment_method(recipe),
+        schedule=schedule_points(recipe),
+        schedule_stop=recipe.loss.schedule.stop,
+        dispersive=dispersive_term(recipe, config),
+        distillation=attention_distillation(recipe) if encoders else None,
     )
     step_fn = make_train_step(
         optimizer, step_cfg, static_state, static_enc, shardings=(state_sh, batch_sh, repl)

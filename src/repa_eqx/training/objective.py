@@ -1,9 +1,11 @@
 """The training objective of one batch: noise the data, run the model, the denoising loss of
-the recipe's objective plus lambda times the alignment method's loss.
+the recipe's objective plus lambda (times the schedule's weight at this step) times the
+alignment method's loss, plus the dispersive term if the recipe has one.
 
 SiT's interpolant objective (`repa_objective`) and DiT's DDPM objective (`ddpm_objective`)
 share everything but the noising and the denoising loss."""
 
+import dataclasses
 from collections.abc import Sequence
 
 import equinox as eqx
@@ -11,10 +13,10 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from ..alignment import get_method
+from ..alignment import REPA, AlignmentMethod, AttentionDistillation, Dispersive
 from ..diffusion import ddpm, interpolants
-from ..diffusion.losses import denoising_loss, total_loss
-from ..model.repa import REPAModel
+from ..diffusion.losses import denoising_loss
+from ..model.repa import ModelOutputs, REPAModel
 
 
 def cast(tree, dtype):
@@ -22,23 +24,66 @@ def cast(tree, dtype):
     return jax.tree.map(lambda a: a.astype(dtype) if eqx.is_inexact_array(a) else a, tree)
 
 
-def _predict(model: REPAModel, x_t, t, y, key: PRNGKeyArray, compute_dtype, remat: str):
-    """The model on a noisy batch, each example with its own label-dropout key. bf16 compute
-    keeps fp32 master weights: the cast is part of the differentiated function."""
+def _predict(
+    model: REPAModel, x_t, t, y, key: PRNGKeyArray, compute_dtype, remat: str, taps, attention
+) -> ModelOutputs:
+    """The model on a noisy batch, each example with its own label-dropout key: the output,
+    the projected hidden states, the hidden states after blocks `taps` and the attention
+    logits of blocks `attention`. bf16 compute keeps fp32 master weights: the cast is part of
+    the differentiated function."""
     run = cast(model, compute_dtype)
     keys = jax.random.split(key, x_t.shape[0])
-    return jax.vmap(lambda xi, ti, yi, ki: run(xi, ti, yi, key=ki, remat=remat))(
-        x_t.astype(compute_dtype), t, y, keys
-    )
+
+    def one(xi, ti, yi, ki):
+        return run.forward(xi, ti, yi, key=ki, remat=remat, taps=taps, attention=attention)
+
+    return jax.vmap(one)(x_t.astype(compute_dtype), t, y, keys)
 
 
-def _with_alignment(denoise, projected, targets, proj_coeff: float, aux: dict, alignment: str):
-    """denoising + lambda * alignment, and the parts."""
-    method = get_method(alignment)
-    align = method.loss(projected, method.targets(targets)) if targets else None
-    if align is not None:
+@dataclasses.dataclass(frozen=True)
+class Terms:
+    """What the objective adds to the denoising loss (the recipe's `loss` section)."""
+
+    alignment: AlignmentMethod = REPA()
+    proj_coeff: float = 0.5
+    dispersive: Dispersive | None = None
+    distillation: AttentionDistillation | None = None
+
+    @property
+    def taps(self) -> tuple[int, ...]:
+        return (self.dispersive.block,) if self.dispersive is not None else ()
+
+    @property
+    def attention(self) -> tuple[int, ...]:
+        return self.distillation.sit_blocks if self.distillation is not None else ()
+
+
+DEFAULT_TERMS = Terms()  # REPA, lambda 0.5
+
+
+def _terms(denoise, out: ModelOutputs, targets, teacher_attention, aux: dict, terms: Terms, weight):
+    """denoising + weight(step) * (lambda * alignment + HASTE's attention term) + the
+    dispersive term, and the parts."""
+    total = denoise
+    align_coeff = terms.proj_coeff if weight is None else terms.proj_coeff * weight
+    if targets:
+        method = terms.alignment
+        align = method.loss(out.projected, method.targets(targets))
         aux[method.loss_name] = align
-    return total_loss(denoise, align, proj_coeff), {"denoise_loss": denoise, **aux}
+        if terms.proj_coeff != 0:
+            total = total + align_coeff * align
+    if terms.distillation is not None:
+        attn = terms.distillation.loss(out.attention, teacher_attention)
+        aux["attn_loss"] = attn
+        coeff = terms.distillation.coeff
+        total = total + (coeff if weight is None else coeff * weight) * attn
+    if weight is not None:
+        aux["align_weight"] = jnp.asarray(weight, jnp.float32)
+    if terms.dispersive is not None:
+        disp = terms.dispersive.loss(out.hidden[0])
+        aux["dispersive_loss"] = disp
+        total = total + terms.dispersive.coeff * disp
+    return total, {"denoise_loss": denoise, **aux}
 
 
 def repa_objective(
@@ -50,21 +95,25 @@ def repa_objective(
     *,
     path: interpolants.PathType,
     weighting: interpolants.Weighting,
-    proj_coeff: float,
+    terms: Terms = DEFAULT_TERMS,
     compute_dtype=jnp.float32,
     remat: str = "none",
-    alignment: str = "repa",
+    align_weight: Float[Array, ""] | None = None,
+    teacher_attention: Sequence[Array] = (),
 ) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
-    """Total loss for one batch (and its parts), SiT's interpolant objective."""
+    """Total loss for one batch (and its parts), SiT's interpolant objective. `align_weight`:
+    the schedule's factor on the alignment terms at this step (None: 1);
+    `teacher_attention`: the teacher's attention logits HASTE distils."""
     k_t, k_noise, k_drop = jax.random.split(key, 3)
     t = interpolants.sample_t(k_t, (x.shape[0],), path, weighting)
     noise = jax.random.normal(k_noise, x.shape)
     x_t, v_target = interpolants.interpolate(path, x, noise, t)
-    v_pred, projected = _predict(
-        model, x_t, t.astype(compute_dtype), y, k_drop, compute_dtype, remat
-    )
-    denoise = denoising_loss(v_pred, v_target)
-    return _with_alignment(denoise, projected, targets, proj_coeff, {}, alignment)
+    out = _predict(
+        model, x_t, t.astype(compute_dtype), y, k_drop, compute_dtype, remat, terms.taps,
+        terms.attention,
+    )  # fmt: skip
+    denoise = denoising_loss(out.output, v_target)
+    return _terms(denoise, out, targets, teacher_attention, {}, terms, align_weight)
 
 
 def ddpm_objective(
@@ -74,10 +123,11 @@ def ddpm_objective(
     targets: Sequence[Float[Array, "batch tokens _dim"]],
     key: PRNGKeyArray,
     *,
-    proj_coeff: float,
+    terms: Terms = DEFAULT_TERMS,
     compute_dtype=jnp.float32,
     remat: str = "none",
-    alignment: str = "repa",
+    align_weight: Float[Array, ""] | None = None,
+    teacher_attention: Sequence[Array] = (),
 ) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
     """Total loss for one batch (and its parts), DiT's objective: a step k uniform in
     0..999, the noise MSE plus the variational bound on the learned variance
@@ -88,7 +138,10 @@ def ddpm_objective(
     k = jax.random.randint(k_t, (x.shape[0],), 0, len(schedule))
     noise = jax.random.normal(k_noise, x.shape)
     x_k = ddpm.q_sample(schedule, x, k, noise)
-    out, projected = _predict(model, x_k, k.astype(jnp.float32), y, k_drop, compute_dtype, remat)
-    mse, vb = ddpm.training_losses(schedule, out, x, x_k, k, noise)
+    out = _predict(
+        model, x_k, k.astype(jnp.float32), y, k_drop, compute_dtype, remat, terms.taps,
+        terms.attention,
+    )  # fmt: skip
+    mse, vb = ddpm.training_losses(schedule, out.output, x, x_k, k, noise)
     aux = {"mse_loss": mse.mean(), "vb_loss": vb.mean()}
-    return _with_alignment((mse + vb).mean(), projected, targets, proj_coeff, aux, alignment)
+    return _terms((mse + vb).mean(), out, targets, teacher_attention, aux, terms, align_weight)

@@ -14,7 +14,10 @@ from typing import Literal
 
 import tomli_w
 
-from ..alignment import METHODS
+from ..alignment import METHODS, AlignmentMethod, AttentionDistillation, get_method
+from ..alignment.dispersive import Dispersive
+from ..alignment.irepa import KERNEL_SIZES
+from ..alignment.schedule import check_schedule
 from ..core.errors import ConfigError, RepaError
 from ..model.sit import SiTConfig
 
@@ -50,6 +53,47 @@ class EncoderSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class IREPASpec:
+    # iREPA's settings (loss.alignment = "irepa"): the projector's convolution kernel (1, 3,
+    # 5 or 7; the released trainer's default is 1, its README shows 3) and the fraction of the
+    # token mean the target's spatial z-score removes (released default 0.6).
+    kernel_size: int = 1
+    alpha: float = 0.6
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleSpec:
+    # The alignment weight by training step (alignment.schedule): `weights` at `steps` joined
+    # linearly (constant outside; none: 1), and 0 from step `stop` on (HASTE: 250000).
+    steps: tuple[int, ...] = ()
+    weights: tuple[float, ...] = ()
+    stop: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class HasteSpec:
+    # HASTE's attention distillation: the SiT's attention logits in `sit_blocks` (1-based)
+    # against the first target encoder's (a DINOv2) in `teacher_layers`, paired in order, the
+    # first `heads` heads of each; added as coeff * cross-entropy, scaled by the schedule.
+    # Defaults: the released code's, for SiT-XL/2 and DINOv2-B.
+    coeff: float = 0.5
+    sit_blocks: tuple[int, ...] = (5, 6, 7, 8)
+    teacher_layers: tuple[int, ...] = (9, 10, 11, 12)
+    heads: int = 12
+
+
+@dataclasses.dataclass(frozen=True)
+class DispersiveSpec:
+    # The dispersive loss (InfoNCE-L2) on the hidden state after block `block` (1-based; 0:
+    # the last block, before the final norm, as the released code), added as coeff * loss.
+    # `group`: examples per group (0: the whole batch); the reference computes it per GPU.
+    coeff: float = 0.25
+    block: int = 0
+    tau: float = 1.0
+    group: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
 class LossSpec:
     # "interpolant": SiT's velocity loss on the `path` interpolant, t drawn per `weighting`.
     # "ddpm": DiT's loss (1000 steps, linear betas; noise MSE + the variational bound on
@@ -58,8 +102,15 @@ class LossSpec:
     path: Literal["linear", "cosine"] = "linear"
     weighting: Literal["uniform", "lognormal"] = "uniform"
     proj_coeff: float = 0.5
-    # The alignment method (one of `alignment.METHODS`): "repa".
+    # The alignment method (one of `alignment.METHODS`): "repa" or "irepa" (settings below).
     alignment: str = "repa"
+    irepa: IREPASpec = IREPASpec()
+    # The alignment weight over training (HASTE's stop, warm-ups, phase-outs).
+    schedule: ScheduleSpec = ScheduleSpec()
+    # HASTE's attention distillation, off unless this table is given (its stop: schedule.stop).
+    haste: HasteSpec | None = None
+    # The encoder-free dispersive loss, off unless this table is given.
+    dispersive: DispersiveSpec | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,6 +333,62 @@ def _check(recipe: Recipe) -> None:
             f"recipe key 'loss.alignment' must be one of {sorted(METHODS)}, "
             f"got {recipe.loss.alignment!r}"
         )
+    if recipe.loss.irepa.kernel_size not in KERNEL_SIZES:
+        raise RecipeError(
+            f"recipe key 'loss.irepa.kernel_size' must be one of {KERNEL_SIZES}, "
+            f"got {recipe.loss.irepa.kernel_size}"
+        )
+    schedule = recipe.loss.schedule
+    if len(schedule.steps) != len(schedule.weights):
+        raise RecipeError(
+            f"recipe keys 'loss.schedule.steps' and 'loss.schedule.weights' need one weight per "
+            f"step, got {len(schedule.steps)} steps and {len(schedule.weights)} weights"
+        )
+    try:
+        check_schedule(tuple(zip(schedule.steps, schedule.weights, strict=True)), schedule.stop)
+    except ConfigError as e:
+        raise RecipeError(f"recipe section 'loss.schedule': {e}") from None
+    haste = recipe.loss.haste
+    if haste is not None:
+        config = sit_config(recipe)
+        if len(haste.sit_blocks) != len(haste.teacher_layers) or not haste.sit_blocks:
+            raise RecipeError(
+                "recipe keys 'loss.haste.sit_blocks' and 'loss.haste.teacher_layers' pair "
+                f"blocks in order: give as many of each, got {list(haste.sit_blocks)} and "
+                f"{list(haste.teacher_layers)}"
+            )
+        if not all(1 <= b <= config.depth for b in haste.sit_blocks):
+            raise RecipeError(
+                f"recipe key 'loss.haste.sit_blocks': {list(haste.sit_blocks)} not all in "
+                f"[1, {config.depth}]"
+            )
+        if not 1 <= haste.heads <= config.num_heads:
+            raise RecipeError(
+                f"recipe key 'loss.haste.heads': {haste.heads} heads, the SiT has "
+                f"{config.num_heads}"
+            )
+        if not recipe.encoders:
+            raise RecipeError("recipe section 'loss.haste' needs a target encoder (a DINOv2)")
+        if recipe.data.precompute_features:
+            raise RecipeError(
+                "recipe section 'loss.haste' needs the teacher's attention maps in each step: "
+                "set data.precompute_features = false"
+            )
+    disp = recipe.loss.dispersive
+    if disp is not None:
+        depth = sit_config(recipe).depth
+        if not 0 <= disp.block <= depth:
+            raise RecipeError(
+                f"recipe key 'loss.dispersive.block' must be in [0, {depth}] (0: the last "
+                f"block), got {disp.block}"
+            )
+        if disp.tau <= 0 or disp.group < 0:
+            raise RecipeError("recipe keys 'loss.dispersive': tau must be > 0, group >= 0")
+        if disp.group and recipe.data.batch_size % disp.group:
+            raise RecipeError(
+                f"recipe key 'loss.dispersive.group': {disp.group} does not divide "
+                f"data.batch_size {recipe.data.batch_size}"
+            )
 
 
 def _set_dotted(table: dict, dotted: str, raw: str) -> None:
@@ -376,3 +483,31 @@ def sit_config(recipe: Recipe, num_classes: int | None = None) -> SiTConfig:
         )
     except ConfigError as e:
         raise RecipeError(f"recipe section 'model': {e}") from None
+
+
+def alignment_method(recipe: Recipe) -> AlignmentMethod:
+    """The alignment method the recipe names, with its settings."""
+    loss = recipe.loss
+    settings = dataclasses.asdict(loss.irepa) if loss.alignment == "irepa" else {}
+    return get_method(loss.alignment, **settings)
+
+
+def schedule_points(recipe: Recipe) -> tuple[tuple[int, float], ...]:
+    s = recipe.loss.schedule
+    return tuple(zip(s.steps, s.weights, strict=True))
+
+
+def attention_distillation(recipe: Recipe) -> AttentionDistillation | None:
+    """HASTE's attention term the recipe asks for (None: off)."""
+    h = recipe.loss.haste
+    if h is None or h.coeff == 0 or not recipe.encoders:
+        return None
+    return AttentionDistillation(h.sit_blocks, h.teacher_layers, h.heads, h.coeff)
+
+
+def dispersive_term(recipe: Recipe, config: SiTConfig) -> Dispersive | None:
+    """The recipe's dispersive loss on `config`'s SiT (None: off)."""
+    disp = recipe.loss.dispersive
+    if disp is None or disp.coeff == 0:
+        return None
+    return Dispersive(disp.block or config.depth, disp.coeff, disp.tau, disp.group)

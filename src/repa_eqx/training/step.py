@@ -11,10 +11,17 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Int, PRNGKeyArray
 
+from ..alignment import (
+    REPA,
+    AlignmentMethod,
+    AttentionDistillation,
+    Dispersive,
+    alignment_weight,
+)
 from ..model.repa import REPAModel
 from ..model.sit import SiTConfig
 from ..spaces import SDVAELatents
-from .objective import ddpm_objective, repa_objective
+from .objective import Terms, ddpm_objective, repa_objective
 from .recipe import Recipe
 
 
@@ -40,7 +47,7 @@ def init_state(
     projector_dim: int,
     optimizer: optax.GradientTransformation,
     seed: int,
-    alignment: str = "repa",
+    alignment: str | AlignmentMethod = "repa",
 ) -> TrainState:
     k_model, k_train = jax.random.split(jax.random.key(seed))
     model = REPAModel(config, tuple(z_dims), projector_dim, key=k_model, alignment=alignment)
@@ -62,11 +69,20 @@ class StepConfig:
     latent_scale: float = 0.18215
     objective: str = "interpolant"  # or "ddpm" (recipe key loss.objective)
     remat: str = "dots"  # what the SiT blocks keep for the backward pass (model.sit.REMAT_POLICIES)
-    alignment: str = "repa"  # the alignment method (recipe key loss.alignment)
+    alignment: AlignmentMethod = REPA()  # the alignment method (recipe key loss.alignment)
+    # The alignment weight by step (recipe section loss.schedule): (step, weight) points, stop.
+    schedule: tuple[tuple[int, float], ...] = ()
+    schedule_stop: int | None = None
+    dispersive: Dispersive | None = None  # recipe section loss.dispersive
+    distillation: AttentionDistillation | None = None  # recipe section loss.haste
+
+    @property
+    def terms(self) -> Terms:
+        return Terms(self.alignment, self.proj_coeff, self.dispersive, self.distillation)
 
     def objective_fn(self) -> Callable:
-        """`(model, x, y, targets, key, *, proj_coeff, compute_dtype, remat, alignment)
-        -> (loss, parts)`."""
+        """`(model, x, y, targets, key, *, terms, compute_dtype, remat, align_weight,
+        teacher_attention) -> (loss, parts)`."""
         if self.objective == "ddpm":
             return ddpm_objective
         return functools.partial(repa_objective, path=self.path, weighting=self.weighting)
@@ -88,21 +104,37 @@ def make_train_step(
     """
     compute_dtype = jnp.bfloat16 if step_cfg.precision == "bf16" else jnp.float32
     objective = step_cfg.objective_fn()
+    terms = step_cfg.terms
     latents = SDVAELatents(scale=step_cfg.latent_scale)
 
     def step(state_arrays, batch, encoder_arrays):
         state: TrainState = eqx.combine(state_arrays, static_state)
+        teacher_attention = ()
         if "features" in batch:
             targets = batch["features"]
         else:
             encoders = eqx.combine(encoder_arrays, static_enc)
-            targets = tuple(jax.lax.stop_gradient(e(batch["image"])) for e in encoders)
+            targets = [e(batch["image"]) for e in encoders[1:]]
+            distill = step_cfg.distillation
+            if distill is None:
+                targets.insert(0, encoders[0](batch["image"]) if encoders else None)
+            else:  # HASTE: the first encoder's features and attention maps in one pass
+                first, maps = encoders[0].with_attention(batch["image"], distill.teacher_layers)
+                targets.insert(0, first)
+                teacher_attention = jax.lax.stop_gradient(tuple(jnp.moveaxis(maps, 1, 0)))
+            targets = tuple(jax.lax.stop_gradient(t) for t in targets if t is not None)
         key, step_key = jax.random.split(state.key)
         if "moments" in batch:
             x = latents.normalise(batch["moments"], key=jax.random.fold_in(step_key, 1))
         else:
             x = batch["x"]
         params, static_model = eqx.partition(state.model, eqx.is_inexact_array)
+        scheduled = step_cfg.schedule or step_cfg.schedule_stop is not None
+        align_weight = (
+            alignment_weight(state.step, step_cfg.schedule, step_cfg.schedule_stop)
+            if scheduled
+            else None
+        )
 
         def loss_fn(p):
             return objective(
@@ -111,10 +143,11 @@ def make_train_step(
                 batch["y"],
                 targets,
                 step_key,
-                proj_coeff=step_cfg.proj_coeff,
+                terms=terms,
                 compute_dtype=compute_dtype,
                 remat=step_cfg.remat,
-                alignment=step_cfg.alignment,
+                align_weight=align_weight,
+                teacher_attention=teacher_attention,
             )
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
