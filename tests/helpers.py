@@ -56,6 +56,21 @@ def tiny_recipe(out, encoder=None, **sections):
     return parse_recipe(table)
 
 
+def eval_recipe(out, encoder, **eval_spec):
+    """`tiny_recipe` with the in-training evaluation every 2 of 4 steps, scored against the
+    tiny DINOv2 `encoder` at 56 px (FD-DINOv2, CKNNA, probe); `eval_spec` updates it."""
+    spec = dict(
+        every=2,
+        metrics=["fd_dinov2", "cknna", "linear_probe"],
+        num_samples=20,
+        sample_steps=2,
+        num_real=100,
+        fd_dinov2_id=encoder,
+        fd_dinov2_resolution=56,
+    )
+    return tiny_recipe(out, encoder=encoder, train={"steps": 4}, eval=spec | eval_spec)
+
+
 def state_like(recipe, z_dims):
     """A freshly initialised training state of `recipe`'s shapes: what a checkpoint fills."""
     return init_state(

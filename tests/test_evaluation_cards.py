@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import tiny_recipe
+from helpers import eval_recipe
 from typer.testing import CliRunner
 
 from repa_cli.main import app
@@ -29,23 +29,10 @@ def private_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("REPA_EQX_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
-def _eval_recipe(out, encoder, **eval_spec):
-    spec = dict(
-        every=2,
-        metrics=["fd_dinov2", "cknna", "linear_probe"],
-        num_samples=20,
-        sample_steps=2,
-        num_real=100,
-        fd_dinov2_id=encoder,
-        fd_dinov2_resolution=56,
-    )
-    return tiny_recipe(out, encoder=encoder, train={"steps": 4}, eval=spec | eval_spec)
-
-
 @pytest.fixture(scope="module")
 def eval_run(tmp_path_factory, tiny_dinov2):
     run = tmp_path_factory.mktemp("eval") / "run"
-    train(_eval_recipe(run, tiny_dinov2), progress=False)
+    train(eval_recipe(run, tiny_dinov2), progress=False)
     return run
 
 
@@ -116,7 +103,7 @@ def _scores(recipe, batch_size):
 
 
 def test_the_numbers_do_not_depend_on_the_evaluation_batch_size(tmp_path, tiny_dinov2):
-    recipe = _eval_recipe(tmp_path, tiny_dinov2)
+    recipe = eval_recipe(tmp_path, tiny_dinov2)
     default, small = _scores(recipe, None), _scores(recipe, 7)
     assert default.keys() == small.keys() == {"fd_dinov2", "cknna", "linear_probe"}
     for name in default:
@@ -125,7 +112,7 @@ def test_the_numbers_do_not_depend_on_the_evaluation_batch_size(tmp_path, tiny_d
 
 @pytest.mark.slow
 def test_the_numbers_do_not_depend_on_the_number_of_devices(tmp_path, tiny_dinov2):
-    recipe = _eval_recipe(tmp_path, tiny_dinov2)
+    recipe = eval_recipe(tmp_path, tiny_dinov2)
     (tmp_path / "recipe.toml").write_text(
         __import__("repa_eqx.training.recipe", fromlist=["dump_recipe"]).dump_recipe(recipe)
     )

@@ -5,7 +5,7 @@ import math
 
 import jax
 import pytest
-from helpers import tiny_recipe
+from helpers import eval_recipe, tiny_recipe
 
 from repa_eqx.data.datasets import load_mnist_5k
 from repa_eqx.model.sit import SiT
@@ -20,19 +20,6 @@ pytestmark = pytest.mark.standard_promotion
 @pytest.fixture(autouse=True)
 def private_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("REPA_EQX_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-
-
-def eval_recipe(out, encoder, **eval_spec):
-    spec = dict(
-        every=2,
-        metrics=["fd_dinov2", "cknna", "linear_probe"],
-        num_samples=20,
-        sample_steps=2,
-        num_real=100,
-        fd_dinov2_id=encoder,
-        fd_dinov2_resolution=56,
-    )
-    return tiny_recipe(out, encoder=encoder, train={"steps": 4}, eval=spec | eval_spec)
 
 
 def test_training_logs_and_plots_the_evaluations(tmp_path, tiny_dinov2):
