@@ -69,6 +69,7 @@ def test_missing_recipe_file(tmp_path):
     assert result.exit_code == 1 and "recipe file not found" in result.output
 
 
+@pytest.mark.slow
 def test_train_command_runs_and_reports(tmp_path):
     result = runner.invoke(app, ["train", str(_tiny(tmp_path)), "--no-progress"])
     assert result.exit_code == 0, result.output

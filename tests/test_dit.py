@@ -253,6 +253,7 @@ def test_sample_command_on_a_dit_checkpoint(tmp_path, tiny_vae):
     assert len(bad.output.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_tiny_dit_repa_run_lowers_its_losses(tmp_path, tiny_dinov2):
     from repa_eqx.runs.load import load_run
     from repa_eqx.training.loop import train

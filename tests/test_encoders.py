@@ -199,6 +199,7 @@ def test_two_encoders_two_projectors_two_terms(folders, tmp_path):
     assert abs(float(first - second)) > 1e-4  # two different terms, not one counted twice
 
 
+@pytest.mark.slow
 def test_two_encoder_run(folders, tmp_path):
     """Both frozen encoders run inside the jitted train step."""
     recipe = _two_encoder_recipe(tmp_path, folders, steps=100, log_every=1)

@@ -64,6 +64,7 @@ def test_reference_batch_holds_the_images_and_their_statistics(files, weights):
     np.testing.assert_allclose(stats.mu, expected.mu, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.slow
 def test_eval_command_reports_the_suite(files, weights):
     root, real = files
     result = runner.invoke(

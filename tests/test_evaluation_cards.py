@@ -52,6 +52,7 @@ def test_sample_files_and_eval_reports_say_how_they_were_made(trained_run, tmp_p
     assert card["repa_eqx"]
 
 
+@pytest.mark.slow
 def test_online_and_offline_numbers_agree_for_the_same_samples(eval_run, tiny_dinov2):
     """The in-training FD-DINOv2 at step 4 is what `evaluate` gives offline on the samples
     and the reference batch the run kept."""
@@ -73,6 +74,7 @@ def test_online_and_offline_numbers_agree_for_the_same_samples(eval_run, tiny_di
     assert run_card["samples"]["sampler"]["num_steps"] == 2
 
 
+@pytest.mark.slow
 def test_the_model_card_shows_how_the_metrics_were_made(eval_run, tmp_path):
     folder = export_run(eval_run, tmp_path / "export")
     readme = (folder / "README.md").read_text()
@@ -138,6 +140,7 @@ def test_the_numbers_do_not_depend_on_the_number_of_devices(tmp_path, tiny_dinov
         assert four[name] == pytest.approx(one[name], rel=1e-4, abs=1e-6), name
 
 
+@pytest.mark.slow
 def test_offline_fd_dinov2_needs_reference_images(eval_run, tmp_path, tiny_dinov2):
     from repa_eqx.evaluation.adm import EvaluationError
 

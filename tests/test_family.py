@@ -284,6 +284,7 @@ def _records(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
 
 
+@pytest.mark.slow
 def test_irepa_haste_and_dispersive_train_and_resume_exactly_across_the_stop(tmp_path, tiny_dinov2):
     """iREPA with HASTE's attention distillation and stop after 3 updates, and the dispersive
     loss: the alignment weight (on both alignment terms) is 1 for updates 1-3 and 0 after; a

@@ -57,6 +57,7 @@ def test_split_is_a_fixed_partition():
 
 
 @pytest.mark.standard_promotion
+@pytest.mark.slow
 def test_training_is_deterministic():
     a, info_a = train_mnist_net(steps=5, progress=False)
     b, info_b = train_mnist_net(steps=5, progress=False)

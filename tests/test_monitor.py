@@ -57,6 +57,7 @@ def test_scores_are_deterministic_and_depend_on_the_model(tmp_path, tiny_dinov2)
     assert all(first[k] != other[k] for k in first)
 
 
+@pytest.mark.slow
 def test_mnist_classifier_metrics(tmp_path, tiny_dinov2):
     recipe = eval_recipe(tmp_path, tiny_dinov2, metrics=["fd_mnist", "class_accuracy"])
     monitor = Monitor(recipe, load_mnist_5k())

@@ -207,6 +207,7 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path):
         assert logged == list(range(5, steps + 1, 5)), f"killed at {killed_at}"
 
 
+@pytest.mark.slow
 def test_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
     recipe = tiny_recipe(tmp_path / "r", train={"steps": 15, "checkpoint_every": 5})
     train(recipe, progress=False)

@@ -109,6 +109,7 @@ def test_posterior_is_sampled_in_the_step():
         np.testing.assert_allclose(flat_a[name], flat_b[name], rtol=1e-5, atol=1e-9, err_msg=name)
 
 
+@pytest.mark.slow
 def test_trains_on_preprocessed_latents(dataset, vae_folder, tiny_dinov2, tmp_path):
     """`repa preprocess` output -> REPA training with the in-step DINOv2 on the stored images
     and grids decoded by a VAE."""

@@ -154,6 +154,7 @@ def test_a_nan_between_log_steps_is_never_checkpointed(tmp_path, monkeypatch):
     assert all(np.isfinite(np.asarray(v)).all() for v in flat.values() if v.dtype.kind == "f")
 
 
+@pytest.mark.slow
 def test_any_error_mid_run_leaves_an_emergency_checkpoint(tmp_path, monkeypatch):
     """A grid that cannot be drawn at step 6 (a VAE that is not cached, a full disk): the
     state of step 6 is saved, the run says so, and resuming it equals an uninterrupted run."""
@@ -207,6 +208,7 @@ def test_ctrl_c_keeps_the_last_metrics_line_and_says_what_it_saved(tmp_path, mon
 # --------------------------------------------------------------------------- checkpoints
 
 
+@pytest.mark.slow
 def test_same_size_corruption_is_detected_and_the_previous_checkpoint_used(tmp_path):
     recipe = tiny_recipe(tmp_path / "r", train={"steps": 10, "checkpoint_every": 5})
     train(recipe, progress=False)
@@ -399,6 +401,7 @@ def test_a_damaged_conversion_is_named(tmp_path, monkeypatch, tiny_dinov2):
 # --------------------------------------------------------------------------------- W&B
 
 
+@pytest.mark.slow
 def test_wandb_offline_gets_metrics_cards_and_grids_and_a_resume_continues_the_run(
     tmp_path, monkeypatch, tiny_dinov2
 ):

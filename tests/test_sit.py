@@ -635,6 +635,7 @@ def _loss_and_vjp(model, x, t, y, remat):
     return value, grads, residual_bytes
 
 
+@pytest.mark.slow
 def test_remat_keeps_less_and_changes_no_gradient():
     """train.remat changes what the backward pass keeps (fewer residual bytes: dots < none,
     full < dots), never the loss or its gradient (to fp32 rounding: XLA fuses differently)."""

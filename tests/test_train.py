@@ -45,6 +45,7 @@ def test_tiny_repa_run_lowers_both_losses(tmp_path, tiny_dinov2):
         assert (tmp_path / "run" / name).is_file(), name
 
 
+@pytest.mark.slow
 def test_in_step_encoder_equals_precomputed_features(tmp_path, tiny_dinov2):
     """Target features computed inside the jitted step or cached once give the same run
     (up to the fp16 storage of the cache)."""
@@ -64,6 +65,7 @@ def test_in_step_encoder_equals_precomputed_features(tmp_path, tiny_dinov2):
     assert a.last["denoise_loss"] == pytest.approx(b.last["denoise_loss"], rel=1e-3)
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted(tmp_path):
     straight = tiny_recipe(tmp_path / "straight")
     train(straight, progress=False)
@@ -82,6 +84,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert steps == [5, 10, 15, 20]
 
 
+@pytest.mark.slow
 def test_ctrl_c_mid_step_saves_a_consistent_checkpoint(tmp_path, monkeypatch):
     """Ctrl-C after a batch was handed out but before its step ran: the saved data position is
     the state's step, and the resumed run equals an uninterrupted one."""
@@ -120,6 +123,7 @@ def test_ctrl_c_mid_step_saves_a_consistent_checkpoint(tmp_path, monkeypatch):
         np.testing.assert_array_equal(np.asarray(a[name]), np.asarray(b[name]), name)
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_changed_model_and_records_a_changed_optimiser(tmp_path):
     train(tiny_recipe(tmp_path / "r", train={"steps": 5}), progress=False)
     other_model = tiny_recipe(tmp_path / "r", train={"steps": 10}, model={"depth": 3})
@@ -135,6 +139,7 @@ def test_resume_refuses_a_changed_model_and_records_a_changed_optimiser(tmp_path
     assert "lr = 0.0005" in (tmp_path / "r/recipe.toml").read_text()
 
 
+@pytest.mark.slow
 def test_checkpoint_mismatch_names_the_weights(tmp_path):
     recipe = tiny_recipe(tmp_path / "r", train={"steps": 5})
     train(recipe, progress=False)
