@@ -25,3 +25,7 @@ lint:
 # The REPA effect on MNIST: vanilla SiT vs SiT + REPA, same seed and budget (docs/results/).
 study *ARGS:
     python benchmarks/study.py {{ARGS}}
+
+# Per-step cost of each alignment method (vanilla, REPA, iREPA, HASTE, REG, dispersive) vs REPA.
+bench-methods *ARGS:
+    python benchmarks/bench_methods.py {{ARGS}}

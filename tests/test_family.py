@@ -12,6 +12,7 @@ The references transcribed (read, not copied):
 - HASTE, NUS-HPC-AI-Lab/HASTE @ eb7b1f1: `train.py` aligns while global_step < the stop point.
 """
 
+import dataclasses
 import json
 
 import equinox as eqx
@@ -35,6 +36,7 @@ from repa_eqx.core.errors import ConfigError
 from repa_eqx.model import REPAModel, SiTConfig
 from repa_eqx.runs import find_model, sample_model
 from repa_eqx.runs.export import export_run
+from repa_eqx.sampling.samples import example_inputs, sample_jit
 from repa_eqx.training import train
 from repa_eqx.training.checkpoint import Checkpointer
 from repa_eqx.training.recipe import RecipeError, parse_recipe, recipe_to_dict
@@ -127,7 +129,7 @@ def test_irepa_model_projects_the_hidden_state_through_the_conv():
     (hidden,) = model.sit.forward(x, t, y).hidden
     np.testing.assert_array_equal(z, model.projectors[0](hidden))
     # Taps: the hidden states after any blocks, the output unchanged.
-    v, _, (h1, h2), _ = model.forward(x, t, y, taps=(1, 2))
+    v, _, (h1, h2), _, _ = model.forward(x, t, y, taps=(1, 2))
     np.testing.assert_array_equal(h1, hidden)
     np.testing.assert_array_equal(v, model(x, t, y)[0])
     assert h2.shape == hidden.shape and not np.array_equal(h1, h2)
@@ -332,3 +334,84 @@ def test_irepa_haste_and_dispersive_train_and_resume_exactly_across_the_stop(tmp
         find_model(tmp_path / "straight"), steps=2, num=4, batch=4, out=tmp_path / "s.npz"
     )
     assert run.samples.images.shape == (4, 32, 32, 1) or run.samples.images.shape[0] == 4
+
+
+# -------------------------------------------------------------------------------- REG
+# Martinser/REG @ 021ea2e: its SiT, loss and SDE sampler are checked against transcriptions in
+# test_official.py (model, checkpoints, SILoss) and test_samplers.py (euler_maruyama_sampler).
+
+
+def test_reg_recipe_combinations(tmp_path):
+    encoder = {"id": "facebook/dinov2-small", "resolution": 112}
+    table = recipe_to_dict(tiny_recipe(tmp_path))
+    table["encoders"] = [encoder]
+    # With REPA, the HASTE-style stop and the dispersive loss: allowed.
+    table["loss"] |= {"reg": {}, "schedule": {"stop": 4}, "dispersive": {"coeff": 0.1}}
+    assert parse_recipe(table).loss.reg.coeff == 0.03
+    for change, message in [
+        ({"alignment": "irepa"}, "works on the patch grid alone"),
+        ({"haste": {"sit_blocks": [1], "teacher_layers": [1], "heads": 2}}, "loss.haste"),
+        ({"reg": {"coeff": -1.0}}, "coeff must be >= 0"),
+    ]:
+        bad = recipe_to_dict(parse_recipe(table))
+        bad["loss"] |= change
+        with pytest.raises(RecipeError, match=f"'loss.reg' .*{message}"):
+            parse_recipe(bad)
+    with pytest.raises(RecipeError, match="'loss.reg' needs a target encoder"):
+        tiny_recipe(tmp_path, loss={"reg": {}})
+
+
+@pytest.mark.slow
+def test_reg_trains_resumes_samples_and_exports(tmp_path, tiny_dinov2):
+    """REG with REPA, HASTE's stop after 3 updates and the dispersive loss: each logged loss
+    is the sum of its terms (the CLS term unscheduled, as REG's); resuming at step 2 ends
+    bit-identical; the run samples (SDE, the CLS token guided apart) and its export is a SiT
+    with the teacher's CLS width."""
+    loss = {"reg": {"coeff": 0.03}, "schedule": {"stop": 3}, "dispersive": {"coeff": 0.25}}
+    train_spec = {"steps": 5, "log_every": 1, "checkpoint_every": 5}
+    straight = tiny_recipe(tmp_path / "straight", tiny_dinov2, loss=loss, train=train_spec)
+    train(straight, progress=False)
+    records = _records(tmp_path / "straight")
+    assert [r["align_weight"] for r in records] == [1, 1, 1, 0, 0]
+    for r in records:
+        assert r["cls_loss"] > 0.1 and np.isfinite(r["repa_loss"])
+        expected = r["denoise_loss"] + r["align_weight"] * 0.5 * r["repa_loss"]
+        expected += 0.03 * r["cls_loss"] + 0.25 * r["dispersive_loss"]
+        assert r["loss"] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+    split = tiny_recipe(tmp_path / "split", tiny_dinov2, loss=loss, train=train_spec)
+    train(split, progress=False, stop_after=2)
+    train(split, progress=False, resume=True)
+    a = Checkpointer(tmp_path / "straight/checkpoints", read_only=True).restore_flat(5)[0]
+    b = Checkpointer(tmp_path / "split/checkpoints", read_only=True).restore_flat(5)[0]
+    assert a.keys() == b.keys() and "ema/sit/cls_token/embed/weight" in a
+    for name in a:
+        np.testing.assert_array_equal(np.asarray(a[name]), np.asarray(b[name]), name)
+
+    model = find_model(tmp_path / "straight")
+    assert model.sit.config.cls_dim == 32  # the tiny DINOv2's width
+    kwargs = dict(mode="sde", steps=3, cfg=2.0, num=4, batch=4, interval=(0.0, 0.85))
+    guided = sample_model(model, cls_cfg=1.5, out=tmp_path / "a", **kwargs)
+    assert guided.spec.cls_cfg_scale == 1.5 and guided.samples.images.shape[0] == 4
+    # The CLS token's own guidance scale reaches the sampler and, through the blocks, the
+    # image (5 updates leave the zero-initialised layers too small to show it: every weight
+    # of this copy is random).
+    rng = np.random.default_rng(0)
+    sit = jax.tree.map(
+        lambda a: jnp.asarray(0.2 * rng.standard_normal(a.shape), a.dtype),
+        eqx.filter(model.sit, eqx.is_inexact_array),
+    )
+    sit = eqx.combine(sit, model.sit)
+    noise, keys = example_inputs(0, jnp.arange(4), (1, 32, 32))
+    y = jnp.arange(4, dtype=jnp.int32)
+    images = [
+        sample_jit(sit, dataclasses.replace(guided.spec, cls_cfg_scale=c), noise, y, keys)
+        for c in (1.5, 0.0)
+    ]
+    assert float(jnp.abs(images[0] - images[1]).max()) > 1e-3
+    folder = export_run(tmp_path / "straight", tmp_path / "export")
+    assert "REG: the teacher's CLS token" in (folder / "README.md").read_text()
+    exported = find_model(None, from_hub=str(folder))
+    assert exported.sit.config.cls_dim == 32
+    again = sample_model(exported, cls_cfg=1.5, out=tmp_path / "c", **kwargs)
+    np.testing.assert_array_equal(again.samples.images, guided.samples.images)

@@ -3,6 +3,7 @@ hostile pickles, export -> load round trips, and parity with an independent PyTo
 written below from SPEC.md under the reference's state-dict names."""
 
 import argparse
+import dataclasses
 import os
 import pickle
 import zipfile
@@ -212,9 +213,13 @@ def test_export_refuses_args_that_do_not_describe_the_model(tmp_path):
 # ---------------------------------------------------- an independent PyTorch reference
 
 
-def _torch_reference(args: dict, seed: int):
+def _torch_reference(args: dict, seed: int, reg: bool = False):
     """SiT + REPA projectors from SPEC.md, modules named as the reference names them, every
-    parameter random (the zero-initialised adaLN and output layers too)."""
+    parameter random (the zero-initialised adaLN and output layers too). With `reg`, REG's
+    SiT (Martinser/REG models/sit.py): the teacher's CLS token through `cls_projectors2` and
+    `wg_norm` as token 0 (a zero position row), its velocity from `final_layer.linear_cls`
+    on token 0 after the shared final norm and modulation; forward(x, t, y, cls_token)
+    returns (v, zs, cls velocity)."""
     torch = pytest.importorskip("torch")
     nn, F = torch.nn, torch.nn.functional
     h, heads, depth, k = (
@@ -282,16 +287,27 @@ def _torch_reference(args: dict, seed: int):
             self.t_embedder = namespace(mlp=mlp(256, h, h))
             table = nn.Embedding(args["num_classes"] + 1, h)  # + the null class
             self.y_embedder = namespace(embedding_table=table)
-            self.pos_embed = nn.Parameter(sincos(h, grid)[None], requires_grad=False)
+            table = sincos(h, grid)
+            if reg:
+                table = torch.cat([torch.zeros(1, h), table])
+                self.cls_projectors2 = nn.Linear(z_dims[0], h)
+                self.wg_norm = nn.LayerNorm(h, eps=1e-6)
+            self.pos_embed = nn.Parameter(table[None], requires_grad=False)
             self.blocks = nn.ModuleList(Block() for _ in range(depth))
             self.projectors = nn.ModuleList(mlp(h, width, width, z) for z in z_dims)
             self.final_layer = namespace(
                 adaLN_modulation=nn.Sequential(nn.SiLU(), nn.Linear(h, 2 * h)),
                 linear=nn.Linear(h, p * p * channels),
             )
+            if reg:
+                self.final_layer.add_module("linear_cls", nn.Linear(h, z_dims[0]))
 
-        def forward(self, x, t, y):
-            x = self.x_embedder.proj(x).flatten(2).transpose(1, 2) + self.pos_embed
+        def forward(self, x, t, y, cls_token=None):
+            x = self.x_embedder.proj(x).flatten(2).transpose(1, 2)
+            if reg:
+                cls = self.wg_norm(self.cls_projectors2(cls_token))[:, None]
+                x = torch.cat([cls, x], dim=1)
+            x = x + self.pos_embed
             freqs = torch.exp(-np.log(10000.0) * torch.arange(128, dtype=torch.float32) / 128)
             angles = t[:, None] * freqs
             t_emb = self.t_embedder.mlp(torch.cat([angles.cos(), angles.sin()], dim=-1))
@@ -301,10 +317,14 @@ def _torch_reference(args: dict, seed: int):
                 if i + 1 == k:
                     zs = [projector(x) for projector in self.projectors]
             shift, scale = self.final_layer.adaLN_modulation(c)[:, None].chunk(2, dim=-1)
-            x = self.final_layer.linear(layer_norm(x) * (1 + scale) + shift)
+            x = layer_norm(x) * (1 + scale) + shift
+            if reg:
+                cls_out, x = self.final_layer.linear_cls(x[:, 0]), x[:, 1:]
+            x = self.final_layer.linear(x)
             n = x.shape[0]
             x = x.view(n, grid, grid, p, p, channels).permute(0, 5, 1, 3, 2, 4)
-            return x.reshape(n, channels, grid * p, grid * p), zs
+            x = x.reshape(n, channels, grid * p, grid * p)
+            return (x, zs, cls_out) if reg else (x, zs)
 
     model = ReferenceSiT()
     g = torch.Generator().manual_seed(seed)
@@ -445,3 +465,139 @@ def test_mismatch_lists_every_problem_once(tmp_path):
     assert "missing: blocks.3.mlp.fc2.bias" in message
     assert "unexpected: blocks.1.attn.q_norm.weight" in message
     assert "wrong shape: projectors.1.2.weight (32, 31) (expected (32, 32))" in message
+
+
+# ------------------------------------------------------------------------------ REG
+
+
+REG_ARGS = TINY_ARGS | {"enc_type": "dinov2-vit-s", "fused_attn": True, "cls": 0.03}
+
+
+def _reg_forward(model: REPAModel, x, t, y, cls):
+    @eqx.filter_jit
+    def run(model, x, t, y, cls):
+        def one(x, t, y, cls):
+            out = model.forward(x, t, y, cls=cls)
+            return out.output, out.projected, out.cls
+
+        return jax.vmap(one)(x, t, y, cls)
+
+    return run(model, x, t, y, cls)
+
+
+def test_reg_checkpoint_matches_regs_sit_and_exports_back(tmp_path):
+    """A checkpoint as REG's train.py saves it ({model (DDP), ema, opt, args with its `cls`
+    loss weight, steps}) loads torch-free as a SiT with a CLS token; velocity, projections of
+    all 1 + 16 tokens and the CLS velocity match REG's SiT, and our export loads back into it
+    strictly."""
+    torch = pytest.importorskip("torch")
+    ema, trained = (_torch_reference(REG_ARGS, seed=s, reg=True) for s in (0, 1))
+    ckpt = {
+        "model": OrderedDict((f"module.{k}", v) for k, v in trained.state_dict().items()),
+        "ema": ema.state_dict(),
+        "opt": {},
+        "args": argparse.Namespace(**REG_ARGS),
+        "steps": 4000,
+    }
+    path = tmp_path / "0004000.pt"
+    torch.save(ckpt, path)
+    rng = np.random.default_rng(0)
+    for reference, use_ema in ((ema, True), (trained, False)):
+        model, info = load_official(path, use_ema=use_ema)
+        assert model.sit.config.cls_dim == 384 and info.args["cls_token_dim"] == 384
+        assert info.pos_embed_max_diff < 1e-6  # the zero CLS row, then our table
+        x, t, y = _inputs(model.sit.config)
+        cls = rng.standard_normal((3, 384)).astype(np.float32)
+        v, zs, cls_v = _reg_forward(model, x, t, y, cls)
+        with torch.no_grad():
+            v_ref, zs_ref, cls_ref = reference(*map(torch.from_numpy, (x, t, y, cls)))
+        assert np.abs(v_ref.numpy()).max() > 0.5 and np.abs(cls_ref.numpy()).max() > 0.5
+        np.testing.assert_allclose(v, v_ref.numpy(), rtol=0, atol=1e-4)
+        np.testing.assert_allclose(cls_v, cls_ref.numpy(), rtol=0, atol=1e-4)
+        assert zs[0].shape == zs_ref[0].shape == (3, 17, 384)
+        np.testing.assert_allclose(zs[0], zs_ref[0].numpy(), rtol=0, atol=1e-4)
+
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    model, _ = load_official(path)
+    exported = export_official(model, tmp_path / "ours", args=REG_ARGS | {"cls_token_dim": 384})
+    fresh = _torch_reference(REG_ARGS, seed=5, reg=True)
+    fresh.load_state_dict(safetensors_torch.load_file(exported[0]), strict=True)
+    x, t, y = _inputs(model.sit.config, seed=1)
+    cls = rng.standard_normal((3, 384)).astype(np.float32)
+    with torch.no_grad():
+        v_ref, _, cls_ref = fresh(*map(torch.from_numpy, (x, t, y, cls)))
+    v, _, cls_v = _reg_forward(model, x, t, y, cls)
+    np.testing.assert_allclose(v, v_ref.numpy(), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(cls_v, cls_ref.numpy(), rtol=0, atol=1e-4)
+    # Without REG's tensors, the same args describe a plain SiT: the CLS weights are refused.
+    with pytest.raises(ConfigError, match="cls_dim"):
+        export_official(model, tmp_path / "bad", args=REG_ARGS)
+
+
+def test_reg_training_loss_matches_regs_siloss():
+    """`repa_objective` with REG's term is REG's loss.py SILoss (its noises injected: the
+    same t, image noise and CLS noise our objective draws from its key) and train.py's sum
+    loss_mean + proj_coeff * proj_loss + cls * cls_loss, on REG's SiT."""
+    torch = pytest.importorskip("torch")
+    from repa_eqx.alignment import REG
+    from repa_eqx.diffusion.interpolants import sample_t
+    from repa_eqx.pretrained.official import sit_from_state_dict
+    from repa_eqx.training.objective import Terms, repa_objective
+
+    reference = _torch_reference(REG_ARGS, seed=2, reg=True)
+    config, z_dims, projector_dim = official_config(REG_ARGS | {"cls_token_dim": 384})
+    config = dataclasses.replace(config, class_dropout_prob=0.0)  # train.py drops labels apart
+    state = {k: v.numpy() for k, v in reference.state_dict().items()}
+    model, _ = sit_from_state_dict(state, config, z_dims, projector_dim)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4, 4, 8, 8)).astype(np.float32)
+    y = rng.integers(0, 10, 4)
+    feats = rng.standard_normal((4, 17, 384)).astype(np.float32)  # the CLS row, then patches
+    key = jax.random.key(11)
+    terms = Terms(proj_coeff=0.5, reg=REG(0.03))
+    loss, parts = repa_objective(
+        model,
+        jnp.asarray(x),
+        jnp.asarray(y, jnp.int32),
+        (jnp.asarray(feats),),
+        key,
+        path="linear",
+        weighting="uniform",
+        terms=terms,
+    )
+    # What the objective draws from its key, in its order.
+    k_t, k_noise, _ = jax.random.split(key, 3)
+    t = np.array(sample_t(k_t, (4,), "linear", "uniform"))
+    noise = np.array(jax.random.normal(k_noise, x.shape))
+    cls_noise = np.array(jax.random.normal(jax.random.fold_in(key, 3), (4, 384)))
+
+    # REG's SILoss.__call__ (linear path, v prediction) with the noises given.
+    images, zs = torch.from_numpy(x), [torch.from_numpy(feats)]
+    cls_token, time_input = zs[0][:, 0], torch.from_numpy(t).view(4, 1, 1, 1)
+    noises, noises_cls = torch.from_numpy(noise), torch.from_numpy(cls_noise)
+    alpha_t, sigma_t, d_alpha_t, d_sigma_t = 1 - time_input, time_input, -1, 1
+    model_input = alpha_t * images + sigma_t * noises
+    cls_input = (
+        alpha_t.squeeze(-1).squeeze(-1) * cls_token + sigma_t.squeeze(-1).squeeze(-1) * noises_cls
+    )
+    model_target = d_alpha_t * images + d_sigma_t * noises
+    cls_target = d_alpha_t * cls_token + d_sigma_t * noises_cls
+    with torch.no_grad():
+        out, zs_tilde, cls_out = reference(
+            model_input, time_input.flatten(), torch.from_numpy(y), cls_token=cls_input
+        )
+    denoise = ((out - model_target) ** 2).mean(dim=(1, 2, 3))
+    denoise_cls = ((cls_out - cls_target) ** 2).mean(dim=1)
+    proj = 0.0
+    for z, z_tilde in zip(zs, zs_tilde, strict=True):
+        for z_j, z_tilde_j in zip(z, z_tilde, strict=True):
+            z_tilde_j = torch.nn.functional.normalize(z_tilde_j, dim=-1)
+            z_j = torch.nn.functional.normalize(z_j, dim=-1)
+            proj += (-(z_j * z_tilde_j).sum(dim=-1)).mean()
+    proj /= len(zs) * 4
+    total = denoise.mean() + 0.5 * proj + 0.03 * denoise_cls.mean()
+    assert float(denoise_cls.mean()) > 0.1
+    np.testing.assert_allclose(parts["denoise_loss"], float(denoise.mean()), rtol=2e-6)
+    np.testing.assert_allclose(parts["cls_loss"], float(denoise_cls.mean()), rtol=2e-6)
+    np.testing.assert_allclose(parts["repa_loss"], float(proj), rtol=2e-6, atol=1e-7)
+    np.testing.assert_allclose(loss, float(total), rtol=2e-6)

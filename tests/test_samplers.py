@@ -243,3 +243,128 @@ def test_bad_arguments_are_refused():
         ode_sample(v, noise, y, solver="rk4")
     with pytest.raises(ValueError, match="one key per example"):
         sde_sample(v, noise, y, jax.random.split(jax.random.key(0), 3))
+
+
+# Joint states (REG: the image and its CLS token integrated together).
+CLS_MU = jnp.linspace(-1.0, 2.0, 5)
+CLS_STD = jnp.linspace(0.3, 1.2, 5)
+
+
+def joint_velocity(path):
+    """Independent Gaussians for the image leaf and a (5,) CLS leaf, each its exact field."""
+    image = gaussian_velocity(MU, STD, path)
+
+    def cls_field(c, t):
+        k = coefficients(path, t.reshape(-1, 1))
+        var = k.alpha**2 * CLS_STD**2 + k.sigma**2
+        centred = c - k.alpha * CLS_MU
+        mean_x = CLS_MU + k.alpha * CLS_STD**2 / var * centred
+        return k.d_alpha * mean_x + k.d_sigma * (k.sigma / var * centred)
+
+    return lambda state, t, y: (image(state[0], t, y), cls_field(state[1], t))
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun"])
+def test_joint_state_is_integrated_leaf_by_leaf(solver):
+    """Each leaf of a tuple state follows its own exact flow; the image leaf of a joint run is
+    the image a run without the CLS leaf gives (ODE and SDE: its noise is drawn as before)."""
+    noise, y = noise_and_labels(500)
+    cls_noise = jax.random.normal(jax.random.key(4), (500, 5))
+    field = joint_velocity("linear")
+    x, c = ode_sample(field, (noise, cls_noise), y, num_steps=100, solver=solver)
+    tol = 2e-3 if solver == "heun" else 0.1
+    np.testing.assert_allclose(x, exact_endpoint(noise), atol=tol)
+    np.testing.assert_allclose(c, CLS_MU + CLS_STD * cls_noise, atol=tol)
+    alone = ode_sample(gaussian_velocity(MU, STD, "linear"), noise, y, num_steps=100, solver=solver)
+    np.testing.assert_array_equal(x, alone)
+
+    keys = jax.random.split(jax.random.key(7), 500)
+    x, c = sde_sample(field, (noise, cls_noise), y, keys, num_steps=200)
+    np.testing.assert_allclose(np.asarray(c).mean(0), CLS_MU, atol=0.12)
+    np.testing.assert_allclose(np.asarray(c).std(0), CLS_STD, rtol=0.12)
+    alone = sde_sample(gaussian_velocity(MU, STD, "linear"), noise, y, keys, num_steps=200)
+    np.testing.assert_array_equal(x, alone)
+
+
+def _coupled_field(xp):
+    """A class-conditional field in which the image and the CLS token drive each other."""
+
+    def field(x, c, t, y):
+        n = x.shape[0]
+        shift = xp.where(y == NULL, 0.0, 0.3 * y - 0.5).reshape(n, 1)
+        flat = x.reshape(n, -1)
+        vx = xp.tanh(flat + shift + 0.5 * c.mean(axis=1, keepdims=True)) - 0.8 * t.reshape(n, 1)
+        vc = xp.sin(c - shift + flat.mean(axis=1, keepdims=True)) * (1.5 - t.reshape(n, 1))
+        return vx.reshape(x.shape), vc
+
+    return field
+
+
+def _regs_euler_maruyama(noise, cls_noise, y, eps, cls_eps, num_steps, cfg, cls_cfg, high):
+    """REG's samplers.euler_maruyama_sampler (linear path, guidance_low 0) in float64 NumPy,
+    the step noises given: eps[i] for the image and cls_eps[i] for the CLS token."""
+    field = _coupled_field(np)
+    t_steps = np.concatenate([np.asarray(linspace(1.0, 0.04, num_steps)), [0.0]])
+    x, c = noise.astype(np.float64), cls_noise.astype(np.float64)
+
+    def drifts(x, c, t):
+        guided = cfg > 1.0 and t <= high and t >= 0.0
+        xs, cs = (np.concatenate([x, x]), np.concatenate([c, c])) if guided else (x, c)
+        ys = np.concatenate([y, np.full_like(y, NULL)]) if guided else y
+        ts = np.full(len(ys), t)
+        v, vc = field(xs, cs, ts, ys)
+
+        def drift(v, x):
+            tt = ts.reshape((-1,) + (1,) * (x.ndim - 1))
+            score = ((1 - tt) / -1 * v - x) / (tt**2 - (1 - tt) / -1 * 1 * tt)
+            return v - 0.5 * (2 * t) * score
+
+        d, dc = drift(v, xs), drift(vc, cs)
+        if guided:
+            n = len(x)
+            d = d[n:] + cfg * (d[:n] - d[n:])
+            dc = dc[n:] + cls_cfg * (dc[:n] - dc[n:]) if cls_cfg > 0 else dc[:n]
+        return d, dc
+
+    for i, (t, t_next) in enumerate(zip(t_steps[:-2], t_steps[1:-1], strict=True)):
+        dt = t_next - t
+        d, dc = drifts(x, c, t)
+        x = x + d * dt + np.sqrt(2 * t) * eps[i] * np.sqrt(abs(dt))
+        c = c + dc * dt + np.sqrt(2 * t) * cls_eps[i] * np.sqrt(abs(dt))
+    t, t_next = t_steps[-2], t_steps[-1]
+    d, dc = drifts(x, c, t)
+    return x + (t_next - t) * d, c + (t_next - t) * dc
+
+
+@pytest.mark.parametrize("cls_cfg", [1.5, 0.0])
+def test_joint_sde_is_regs_euler_maruyama(cls_cfg):
+    """Our SDE on REG's joint state, guided (image 2.0, CLS `cls_cfg`; 0: REG's unguided CLS)
+    inside (0, 0.7], against REG's sampler with the same step noises (`step_noise`)."""
+    from repa_eqx.diffusion.samplers import step_noise
+
+    num_steps, n = 12, 6
+    noise, _ = noise_and_labels(n, seed=2)
+    y = jnp.array([0, 1, 2, 3, NULL, 5], jnp.int32)
+    cls_noise = jax.random.normal(jax.random.key(5), (n, 4))
+    keys = jax.random.split(jax.random.key(9), n)
+    field = _coupled_field(jnp)
+    ours = sde_sample(
+        lambda s, t, y: field(s[0], s[1], t, y),
+        (noise, cls_noise),
+        y,
+        keys,
+        num_steps=num_steps,
+        cfg_scale=(2.0, cls_cfg),
+        interval=(0.0, 0.7),
+        null_label=NULL,
+    )
+    draws = [step_noise(keys, i, (noise, cls_noise)) for i in range(num_steps - 1)]
+    eps = np.stack([np.asarray(e, np.float64) for e, _ in draws])
+    cls_eps = np.stack([np.asarray(e, np.float64) for _, e in draws])
+    ref = _regs_euler_maruyama(
+        np.asarray(noise), np.asarray(cls_noise), np.asarray(y), eps, cls_eps,
+        num_steps, 2.0, cls_cfg, 0.7,
+    )  # fmt: skip
+    for a, b in zip(ours, ref, strict=True):
+        assert np.abs(b).max() > 0.5
+        np.testing.assert_allclose(a, b, rtol=0, atol=2e-5 * np.abs(b).max())

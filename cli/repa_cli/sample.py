@@ -85,6 +85,12 @@ def sample(
             help="DiT: guide only the first N noise channels (3 reproduces DiT's sample.py)"
         ),
     ] = None,
+    cls_cfg: Annotated[
+        float | None,
+        typer.Option(
+            help="REG models: guidance scale of the CLS token (default: --cfg; 0: unguided)"
+        ),
+    ] = None,
     num: Annotated[int, typer.Option(help="Number of images")] = 64,
     classes: Annotated[
         str | None, typer.Option(help="Class ids to cycle through, e.g. 1,207,360")
@@ -127,6 +133,7 @@ def sample(
             cfg=cfg,
             interval=low_high,
             cfg_channels=cfg_channels,
+            cls_cfg=cls_cfg,
             num=num,
             classes=wanted,
             class_balanced=class_balanced,

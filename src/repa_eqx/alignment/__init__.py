@@ -4,7 +4,8 @@ and the terms that shape it without an encoder.
 One module per method, each a frozen dataclass subclass of `AlignmentMethod` (base.py) whose
 fields are its settings, registered here by its recipe value (`loss.alignment`). Beside them:
 the alignment weight schedule (`schedule.py`, HASTE's stop and ramps), HASTE's attention
-distillation (`haste.py`) and the encoder-free dispersive loss (`dispersive.py`). Pure JAX;
+distillation (`haste.py`), REG's CLS-token term (`reg.py`) and the encoder-free dispersive
+loss (`dispersive.py`). Pure JAX;
 the frozen encoders themselves are in `pretrained`.
 """
 
@@ -17,6 +18,7 @@ from .haste import attention_distillation_loss as attention_distillation_loss
 from .irepa import IREPA as IREPA
 from .irepa import ConvProjector as ConvProjector
 from .irepa import spatial_zscore as spatial_zscore
+from .reg import REG as REG
 from .repa import REPA as REPA
 from .repa import Projector as Projector
 from .repa import repa_loss as repa_loss

@@ -36,7 +36,8 @@ def precompute_features(
         for leaf in jax.tree.leaves(eqx.filter(enc.model, eqx.is_array)):
             digest.update(np.asarray(leaf).tobytes())
         weights_hash = digest.hexdigest()[:16]
-        name = f"{dataset.name}-{images_hash}-{weights_hash}-{enc.resolution}.npy"
+        cls = "-cls" if enc.cls_token else ""  # REG: the CLS row first
+        name = f"{dataset.name}-{images_hash}-{weights_hash}-{enc.resolution}{cls}.npy"
         path = cache_dir() / "features" / name
         if path.exists():
             try:

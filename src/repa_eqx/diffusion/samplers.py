@@ -8,6 +8,11 @@ final deterministic step. Guidance `u + w (c - u)` applies on all channels, to v
 the drift (SDE), at the grid times t with low <= t <= high only; elsewhere one conditional
 call. The time grid and the guided steps are fixed on the host in float64, exactly as the
 reference compares them; the loop is one `lax.scan`, compiled once.
+
+The state may be a pytree of arrays that share the batch axis: REG integrates the image and
+its CLS token jointly, `field((x, cls), t, y) -> (v, v_cls)`, each leaf with its own guidance
+scale (`cfg_scale` a tuple; a scale <= 0 keeps that leaf's conditional output, as REG's
+`--cls-cfg-scale 0`) and its own SDE noise, exactly as REG's `euler_maruyama_sampler`.
 """
 
 from collections.abc import Callable, Sequence
@@ -17,15 +22,14 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Bool, Float, Int, Key
+from jaxtyping import Array, Bool, Float, Int, Key, PyTree
 
 from ..core.errors import ConfigError
 from .interpolants import PathType, coefficients
 
-Velocity = Callable[
-    [Float[Array, "batch ..."], Float[Array, " batch"], Int[Array, " batch"]],
-    Float[Array, "batch ..."],
-]
+State = PyTree[Float[Array, "batch ..."]]  # one array, or e.g. REG's (image, CLS token)
+Velocity = Callable[[State, Float[Array, " batch"], Int[Array, " batch"]], State]
+Scale = float | tuple[float, ...]  # one guidance scale, or one per leaf of a tuple state
 Field = Velocity  # any batched field f(x, t, y): the velocity, or the SDE's drift
 
 
@@ -57,17 +61,22 @@ def sde_times(num_steps: int) -> np.ndarray:
     return np.concatenate([linspace(1.0, 0.04, num_steps), [0.0]])
 
 
+def _main_scale(cfg_scale: Scale) -> float:
+    """The scale that decides whether steps are guided: the first leaf's (the image's)."""
+    return float(cfg_scale[0] if isinstance(cfg_scale, tuple) else cfg_scale)
+
+
 def guided_steps(
-    times: Sequence[float] | np.ndarray, cfg_scale: float, interval: tuple[float, float]
+    times: Sequence[float] | np.ndarray, cfg_scale: Scale, interval: tuple[float, float]
 ) -> np.ndarray:
     """For each step's start time, whether that step is guided."""
     low, high = interval
     times = np.asarray(times, np.float64)
-    return (cfg_scale > 1.0) & (times >= low) & (times <= high)
+    return (_main_scale(cfg_scale) > 1.0) & (times >= low) & (times <= high)
 
 
-def check_guidance(cfg_scale: float, interval: tuple[float, float], num_steps: int) -> None:
-    if cfg_scale < 1.0:
+def check_guidance(cfg_scale: Scale, interval: tuple[float, float], num_steps: int) -> None:
+    if _main_scale(cfg_scale) < 1.0:
         raise ConfigError(f"cfg_scale must be >= 1 (1 = no guidance), got {cfg_scale}")
     low, high = interval
     if not 0.0 <= low <= high <= 1.0:
@@ -76,54 +85,82 @@ def check_guidance(cfg_scale: float, interval: tuple[float, float], num_steps: i
         raise ConfigError(f"num_steps must be >= 1, got {num_steps}")
 
 
+def _leaves_scales(x: State, cfg_scale: Scale) -> list[float]:
+    leaves = jax.tree.leaves(x)
+    if not isinstance(cfg_scale, tuple):
+        return [float(cfg_scale)] * len(leaves)
+    if len(cfg_scale) != len(leaves):
+        raise ConfigError(f"{len(cfg_scale)} guidance scales for a state of {len(leaves)} arrays")
+    return [float(c) for c in cfg_scale]
+
+
+def _batch(x: State) -> tuple[int, jnp.dtype]:
+    first = jax.tree.leaves(x)[0]
+    return first.shape[0], first.dtype
+
+
 def guided_call(
     field: Field,
-    x: Float[Array, "batch ..."],
+    x: State,
     t: Float[Array, ""],
     y: Int[Array, " batch"],
     guided: Bool[Array, ""] | None,
-    cfg_scale: float,
+    cfg_scale: Scale,
     null_label: int,
     guided_channels: int | None = None,
-) -> Float[Array, "batch ..."]:
+) -> State:
     """`field` at (x, t, y), guided when `guided` is true: the conditional and null-label
     halves in one batched call of twice the size, else one conditional call. With
     `guided_channels`, only the first that many channels (axis 1) are guided; the rest are
-    the conditional output's (DiT: the noise is guided, the variance is not)."""
-    n = x.shape[0]
-    ts = jnp.full((n,), t, x.dtype)
+    the conditional output's (DiT: the noise is guided, the variance is not). A tuple
+    `cfg_scale` gives each leaf of the state its own scale (<= 0: the conditional output)."""
+    n, dtype = _batch(x)
+    ts = jnp.full((n,), t, dtype)
+    scales = _leaves_scales(x, cfg_scale)
 
     def plain():
         return field(x, ts, y)
 
-    def cfg():
-        both = field(
-            jnp.concatenate([x, x]),
-            jnp.concatenate([ts, ts]),
-            jnp.concatenate([y, jnp.full_like(y, null_label)]),
-        )
-        cond, uncond = both[:n], both[n:]
-        mixed = uncond + cfg_scale * (cond - uncond)
+    def mix(cond, uncond, scale):
+        if scale <= 0:
+            return cond
+        mixed = uncond + scale * (cond - uncond)
         if guided_channels is None:
             return mixed
         return jnp.concatenate([mixed[:, :guided_channels], cond[:, guided_channels:]], axis=1)
+
+    def cfg():
+        both = field(
+            jax.tree.map(lambda a: jnp.concatenate([a, a]), x),
+            jnp.concatenate([ts, ts]),
+            jnp.concatenate([y, jnp.full_like(y, null_label)]),
+        )
+        leaves, tree = jax.tree.flatten(both)
+        return jax.tree.unflatten(
+            tree, [mix(a[:n], a[n:], scale) for a, scale in zip(leaves, scales, strict=True)]
+        )
 
     if guided is None:
         return plain()
     return jax.lax.cond(guided, cfg, plain)
 
 
+def _axpy(x: State, a, d: State) -> State:
+    """x + a d, leaf by leaf."""
+    return jax.tree.map(lambda xi, di: xi + a * di, x, d)
+
+
 def ode_sample(
     velocity: Velocity,
-    noise: Float[Array, "batch ..."],
+    noise: State,
     labels: Int[Array, " batch"],
     *,
     num_steps: int = 50,
     solver: Literal["euler", "heun"] = "euler",
-    cfg_scale: float = 1.0,
+    cfg_scale: Scale = 1.0,
     interval: tuple[float, float] = (0.0, 1.0),
     null_label: int = 1000,
-) -> Float[Array, "batch ..."]:
+) -> State:
     """Integrate dx/dt = v(x, t, y) from t = 1 (`noise`) to t = 0.
 
     Euler: num_steps model calls; Heun: 2 num_steps - 1 (no correction on the last step).
@@ -135,20 +172,20 @@ def ode_sample(
     times = ode_times(num_steps)
     guided = guided_steps(times[:-1], cfg_scale, interval)
     any_guided = bool(guided.any())
-    dtype = noise.dtype
+    _, dtype = _batch(noise)
 
     def step(x, inputs):
         i, t, t_next, g = inputs
         g = g if any_guided else None
         dt = t_next - t
         d = guided_call(velocity, x, t, labels, g, cfg_scale, null_label)
-        x_euler = x + dt * d
+        x_euler = _axpy(x, dt, d)
         if solver == "euler":
             return x_euler, None
 
         def correct():
             d_next = guided_call(velocity, x_euler, t_next, labels, g, cfg_scale, null_label)
-            return x + dt * (0.5 * d + 0.5 * d_next)
+            return _axpy(x, dt, jax.tree.map(lambda a, b: 0.5 * a + 0.5 * b, d, d_next))
 
         return jax.lax.cond(i < num_steps - 1, correct, lambda: x_euler), None
 
@@ -176,50 +213,69 @@ def score_from_velocity(
 
 
 def sde_drift(velocity: Velocity, path: PathType) -> Field:
-    """The reverse-SDE drift with diffusion w(t) = 2t: d = v - (w / 2) score."""
+    """The reverse-SDE drift with diffusion w(t) = 2t: d = v - (w / 2) score, leaf by leaf."""
 
     def drift(x, t, y):
-        v = velocity(x, t, y)
-        w = (2 * t).reshape(t.shape + (1,) * (x.ndim - 1))
-        return v - 0.5 * w * score_from_velocity(v, x, t, path)
+        def one(v, x):
+            w = (2 * t).reshape(t.shape + (1,) * (x.ndim - 1))
+            return v - 0.5 * w * score_from_velocity(v, x, t, path)
+
+        return jax.tree.map(one, velocity(x, t, y), x)
 
     return drift
 
 
+def step_noise(keys: Key[Array, " batch"], i, x: State) -> State:
+    """Step i's Gaussian noise for every leaf: leaf 0 from fold_in(key, i) (as a plain
+    array's), leaf j > 0 from fold_in(fold_in(key, i), j); each example from its own key."""
+    leaves, tree = jax.tree.flatten(x)
+
+    def draw(j, a):
+        def one(k):
+            k = jax.random.fold_in(k, i)
+            return jax.random.normal(
+                k if j == 0 else jax.random.fold_in(k, j), a.shape[1:], a.dtype
+            )
+
+        return jax.vmap(one)(keys)
+
+    return jax.tree.unflatten(tree, [draw(j, a) for j, a in enumerate(leaves)])
+
+
 def sde_sample(
     velocity: Velocity,
-    noise: Float[Array, "batch ..."],
+    noise: State,
     labels: Int[Array, " batch"],
     keys: Key[Array, " batch"],
     *,
     num_steps: int = 250,
-    cfg_scale: float = 1.0,
+    cfg_scale: Scale = 1.0,
     interval: tuple[float, float] = (0.0, 1.0),
     path: PathType = "linear",
     null_label: int = 1000,
-) -> Float[Array, "batch ..."]:
+) -> State:
     """Euler-Maruyama from t = 1 (`noise`) to t = 0: num_steps model calls, the last step
     deterministic. `keys` holds one key per example (shape (batch,)): the noise an example
     sees depends on its own key alone, so results do not depend on how examples are batched.
     """
     check_guidance(cfg_scale, interval, num_steps)
-    if keys.shape != noise.shape[:1]:
-        raise ConfigError(f"keys must hold one key per example: {keys.shape} vs {noise.shape[:1]}")
+    n, dtype = _batch(noise)
+    if keys.shape != (n,):
+        raise ConfigError(f"keys must hold one key per example: {keys.shape} vs {(n,)}")
     times = sde_times(num_steps)
     guided = guided_steps(times[:-1], cfg_scale, interval)
     any_guided = bool(guided.any())
     drift = sde_drift(velocity, path)
-    dtype = noise.dtype
 
     def step(x, inputs):
         i, t, t_next, g = inputs
         dt = t_next - t
         d = guided_call(drift, x, t, labels, g if any_guided else None, cfg_scale, null_label)
-        eps = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), x.shape[1:], dtype))(
-            keys
-        )
+        eps = step_noise(keys, i, x)
         # x += d dt + sqrt(w) sqrt(|dt|) eps, with w = 2t
-        return x + d * dt + jnp.sqrt(2 * t) * jnp.sqrt(jnp.abs(dt)) * eps, None
+        return jax.tree.map(
+            lambda x, d, e: x + d * dt + jnp.sqrt(2 * t) * jnp.sqrt(jnp.abs(dt)) * e, x, d, eps
+        ), None
 
     inputs = (
         jnp.arange(num_steps - 1),
@@ -231,4 +287,4 @@ def sde_sample(
     t, t_next = times[-2], times[-1]
     g = jnp.asarray(guided[-1]) if any_guided else None
     d = guided_call(drift, x, jnp.asarray(t, dtype), labels, g, cfg_scale, null_label)
-    return x + (t_next - t) * d
+    return _axpy(x, t_next - t, d)

@@ -16,7 +16,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ..core.errors import ConfigError
 from ..diffusion.ddpm import NUM_TIMESTEPS, Schedule, q_sample
-from ..diffusion.interpolants import PathType, interpolate
+from ..diffusion.interpolants import PathType, coefficients, interpolate
 from ..model.sit import SiT, slice_blocks
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -194,21 +194,24 @@ def _noise(key: PRNGKeyArray, index: Int[Array, " n"], shape: tuple[int, ...]):
 
 
 @eqx.filter_jit
-def _features_chunk(sit: SiT, x, noise, t, layer: int, path: PathType, pool: bool):
+def _features_chunk(sit: SiT, x, noise, t, layer: int, path: PathType, pool: bool, cls_noise):
     # Cut inside the trace: slicing the stacked blocks eagerly would compile op by op.
     model = _tapped(sit, layer)
 
-    def one(x, noise, t):
+    def one(x, noise, t, cls_noise):
         if sit.config.learn_sigma:  # a DiT: DDPM noise at step 1000 t, fed that step
             step = jnp.minimum(jnp.round(t * NUM_TIMESTEPS), NUM_TIMESTEPS - 1).astype(jnp.int32)
             x_t, t = q_sample(Schedule.linear(), x, step, noise), step.astype(jnp.float32)
         else:
             x_t, _ = interpolate(path, x, noise, t)
+        # REG: a CLS token that knows nothing of the image either, sigma_t eps.
+        cls = None if cls_noise is None else coefficients(path, t).sigma * cls_noise
         # The null label: no class information reaches the features.
-        hidden = model(x_t, t, jnp.asarray(model.null_label))[1].astype(jnp.float32)
+        hidden = model(x_t, t, jnp.asarray(model.null_label), cls=cls)[1].astype(jnp.float32)
+        hidden = hidden if cls is None else hidden[1:]  # the patch tokens
         return jnp.mean(hidden, axis=0) if pool else hidden
 
-    return jax.vmap(one)(x, noise, t)
+    return jax.vmap(one)(x, noise, t, cls_noise)
 
 
 def sit_features(
@@ -224,7 +227,9 @@ def sit_features(
 ) -> Float[Array, "n hidden"] | Float[Array, "n tokens hidden"]:
     """A SiT's hidden state after block `layer` (1-based) on x_t = alpha_t x + sigma_t eps,
     with the null label; float32, mean-pooled over tokens when `pool`. A DiT (`learn_sigma`)
-    sees its own DDPM noise at step round(1000 t) (at most 999) instead.
+    sees its own DDPM noise at step round(1000 t) (at most 999) instead. A REG SiT gets the CLS
+    token sigma_t eps (no image information, like the null label) and returns the patch
+    tokens alone.
 
     Example i's noise is drawn from `fold_in(key, i)`, so the result does not depend on
     `batch_size`, the number of examples run at a time to bound the memory.
@@ -239,5 +244,10 @@ def sit_features(
     for lo in range(0, len(x), batch_size):
         chunk = slice(lo, lo + batch_size)
         noise = _noise(key, index[chunk], x.shape[1:])
-        parts.append(_features_chunk(sit, x[chunk], noise, t[chunk], layer, path, pool))
+        cls_noise = None
+        if sit.config.cls_dim:
+            cls_noise = _noise(
+                jax.random.fold_in(key, 0x7FFFFFFF), index[chunk], (sit.config.cls_dim,)
+            )
+        parts.append(_features_chunk(sit, x[chunk], noise, t[chunk], layer, path, pool, cls_noise))
     return jnp.concatenate(parts)

@@ -15,6 +15,7 @@ class ModelOutputs(NamedTuple):
     projected: tuple[Float[Array, "tokens _z"], ...]  # one per target encoder
     hidden: tuple[Float[Array, "tokens hidden"], ...]  # after each tapped block
     attention: tuple[Float[Array, "heads tokens tokens"], ...]  # logits of each block asked
+    cls: Float[Array, " cls_dim"] | None = None  # REG: the CLS token's velocity
 
 
 class REPAModel(eqx.Module):
@@ -58,15 +59,18 @@ class REPAModel(eqx.Module):
         remat: str = "none",
         taps: tuple[int, ...] = (),
         attention: tuple[int, ...] = (),
+        cls: Float[Array, " cls_dim"] | None = None,
     ) -> "ModelOutputs":
         """`__call__` plus the raw hidden states after the blocks `taps` (the dispersive
-        loss) and the attention logits of the blocks `attention` (HASTE), 1-based."""
+        loss) and the attention logits of the blocks `attention` (HASTE), 1-based; a REG
+        model takes its noisy CLS token `cls` and returns that token's velocity too (its
+        heads then see the CLS token first, as REG's projector does)."""
         depth = self.sit.config.encoder_depth
         out = self.sit.forward(
-            x, t, y, key=key, remat=remat, depths=(depth, *taps), attention=attention
+            x, t, y, key=key, remat=remat, depths=(depth, *taps), attention=attention, cls=cls
         )
         projected = tuple(p(out.hidden[0]) for p in self.projectors)
-        return ModelOutputs(out.output, projected, out.hidden[1:], out.attention)
+        return ModelOutputs(out.output, projected, out.hidden[1:], out.attention, out.cls)
 
     def velocity(self, x: Float[Array, "c h w"], t: Float[Array, ""], y: Int[Array, ""]):
         """The velocity field alone, for samplers (no label dropout, no projector work)."""

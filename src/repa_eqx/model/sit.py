@@ -49,6 +49,9 @@ class SiTConfig:
     class_dropout_prob: float = 0.1
     encoder_depth: int = 8
     learn_sigma: bool = False  # DiT: output 2C channels, noise then variance
+    # REG (Wu et al. 2025): the width of the teacher's CLS token that enters as one extra
+    # token in front of the patches and whose velocity the SiT predicts too; 0: no such token.
+    cls_dim: int = 0
 
     def __post_init__(self):
         if self.input_size % self.patch_size:
@@ -61,6 +64,8 @@ class SiTConfig:
             raise ConfigError("hidden_size must be a multiple of 4 (2-D sin-cos embedding)")
         if not 1 <= self.encoder_depth <= self.depth:
             raise ConfigError(f"encoder_depth {self.encoder_depth} not in [1, depth={self.depth}]")
+        if self.cls_dim < 0 or (self.cls_dim and self.learn_sigma):
+            raise ConfigError(f"cls_dim {self.cls_dim}: REG's CLS token is for SiTs (>= 0)")
 
     @property
     def grid_size(self) -> int:
@@ -68,6 +73,7 @@ class SiTConfig:
 
     @property
     def num_tokens(self) -> int:
+        """Patch tokens (REG's CLS token not counted)."""
         return self.grid_size**2
 
     @property
@@ -210,8 +216,32 @@ def slice_blocks(blocks: SiTBlock, start: int, stop: int) -> SiTBlock:
 
 class SiTOutputs(NamedTuple):
     output: Float[Array, "c_out h w"]  # the velocity (DiT: noise and variance)
-    hidden: tuple[Float[Array, "tokens hidden"], ...]  # after each block asked
+    # After each block asked; with REG's CLS token, it is token 0 (then the patches).
+    hidden: tuple[Float[Array, "tokens hidden"], ...]
     attention: tuple[Float[Array, "heads tokens tokens"], ...]  # logits of each block asked
+    cls: Float[Array, " cls_dim"] | None = None  # REG: the CLS token's velocity
+
+
+class CLSToken(eqx.Module):
+    """REG's CLS path: the noisy teacher CLS token -> Linear (xavier) -> LayerNorm (affine,
+    eps 1e-6) as token 0; the final layer's shared norm and modulation, then a zero-initialised
+    Linear back to the teacher's width for its velocity."""
+
+    embed: eqx.nn.Linear
+    norm_weight: Float[Array, " hidden"]
+    norm_bias: Float[Array, " hidden"]
+    out: eqx.nn.Linear
+
+    def __init__(self, cls_dim: int, hidden: int, *, key: PRNGKeyArray):
+        k_in, k_out = jax.random.split(key)
+        self.embed = xavier_linear(cls_dim, hidden, key=k_in)
+        self.norm_weight = jnp.ones(hidden)
+        self.norm_bias = jnp.zeros(hidden)
+        self.out = xavier_linear(hidden, cls_dim, key=k_out, zero=True)
+
+    def token(self, cls: Float[Array, " cls_dim"], dtype) -> Float[Array, " hidden"]:
+        h = dense(self.embed, cls.astype(dtype))
+        return layer_norm(h, _LN_EPS, self.norm_weight, self.norm_bias).astype(dtype)
 
 
 class SiT(eqx.Module):
@@ -226,6 +256,7 @@ class SiT(eqx.Module):
     blocks: SiTBlock  # stacked: every array has a leading `depth` axis
     final_adaln: eqx.nn.Linear
     final_linear: eqx.nn.Linear
+    cls_token: CLSToken | None  # REG only
     config: SiTConfig = eqx.field(static=True)
 
     def __init__(self, config: SiTConfig, *, key: PRNGKeyArray):
@@ -251,6 +282,12 @@ class SiT(eqx.Module):
         self.final_adaln = xavier_linear(c.hidden_size, 2 * c.hidden_size, key=kf[0], zero=True)
         self.final_linear = xavier_linear(
             c.hidden_size, c.patch_size**2 * c.out_channels, key=kf[1], zero=True
+        )
+        # Its own key, so a SiT without the token is initialised as it always was.
+        self.cls_token = (
+            CLSToken(c.cls_dim, c.hidden_size, key=jax.random.fold_in(key, 7))
+            if c.cls_dim
+            else None
         )
         self.config = config
 
@@ -289,10 +326,11 @@ class SiT(eqx.Module):
         *,
         key: PRNGKeyArray | None = None,
         remat: str = "none",
+        cls: Float[Array, " cls_dim"] | None = None,
     ) -> tuple[Float[Array, "c_out h w"], Float[Array, "tokens hidden"]]:
         """`remat` only changes what training keeps for the backward pass (`REMAT_POLICIES`),
-        never the result."""
-        out = self.forward(x, t, y, key=key, remat=remat)
+        never the result. `cls`: REG's noisy CLS token (REG models only)."""
+        out = self.forward(x, t, y, key=key, remat=remat, cls=cls)
         return out.output, out.hidden[0]
 
     def forward(
@@ -305,11 +343,22 @@ class SiT(eqx.Module):
         remat: str = "none",
         depths: tuple[int, ...] | None = None,
         attention: tuple[int, ...] = (),
+        cls: Float[Array, " cls_dim"] | None = None,
     ) -> "SiTOutputs":
         """The output, the hidden states after each block of `depths` (1-based; default:
         `encoder_depth` alone) and the attention logits of the blocks `attention` (1-based).
-        The block stack is scanned in one segment between each two of those blocks."""
+        The block stack is scanned in one segment between each two of those blocks.
+
+        A REG model (`config.cls_dim`) needs `cls`, the noisy teacher CLS token at the same
+        t: it enters as token 0 (position row zero, as REG's table), every block sees it, and
+        `SiTOutputs.cls` is its predicted velocity."""
         cfg = self.config
+        if (cls is None) != (self.cls_token is None):
+            raise ConfigError(
+                "a REG SiT (cls_dim > 0) needs its noisy CLS token `cls`"
+                if cls is None
+                else "`cls` is for REG SiTs (cls_dim > 0); this SiT has no CLS token"
+            )
         depths = (cfg.encoder_depth,) if depths is None else tuple(depths)
         if not all(1 <= d <= cfg.depth for d in (*depths, *attention)):
             raise ConfigError(
@@ -325,6 +374,8 @@ class SiT(eqx.Module):
         tokens = self.patchify(x.astype(dtype)) @ w.T + self.patch_bias
         # The position table is a constant: it never receives a gradient.
         tokens = tokens + jnp.asarray(sincos_pos_embed_2d(cfg.hidden_size, cfg.grid_size), dtype)
+        if self.cls_token is not None:  # its position row is zero
+            tokens = jnp.concatenate([self.cls_token.token(cls, dtype)[None], tokens])
         c = self.embed(t, y, key=key)
 
         hidden, logits = {}, {}
@@ -341,9 +392,13 @@ class SiT(eqx.Module):
             hidden[end], done = tokens, end
 
         shift, scale = jnp.split(dense(self.final_adaln, jax.nn.silu(c)), 2)
-        out = dense(self.final_linear, modulate(layer_norm(tokens, _LN_EPS), shift, scale))
+        final = modulate(layer_norm(tokens, _LN_EPS), shift, scale)
+        cls_velocity = None
+        if self.cls_token is not None:
+            cls_velocity, final = dense(self.cls_token.out, final[0]), final[1:]
         return SiTOutputs(
-            self.unpatchify(out),
+            self.unpatchify(dense(self.final_linear, final)),
             tuple(hidden[k] for k in depths),
             tuple(logits[a] for a in attention),
+            cls_velocity,
         )

@@ -206,6 +206,21 @@ def encode(
 
 
 @eqx.filter_jit
+def encode_with_cls(
+    model: Dinov2, images: UInt8[Array, "batch C H W"], resolution: int
+) -> Float[Array, "batch tokens dim"]:
+    """The normalised CLS token (`x_norm_clstoken`) then `encode`'s patch features (the
+    registers dropped): REG's targets, and its CLS input."""
+    first = 1 + model.register_tokens.shape[0]
+
+    def one(image):
+        tokens = model.tokens(preprocess(image, resolution))
+        return jnp.concatenate([tokens[:1], tokens[first:]])
+
+    return jax.vmap(one)(images)
+
+
+@eqx.filter_jit
 def encode_with_attention(
     model: Dinov2, images: UInt8[Array, "batch C H W"], resolution: int, layers: tuple[int, ...]
 ) -> tuple[Float[Array, "batch patches dim"], Float[Array, "batch layers heads patches patches"]]:

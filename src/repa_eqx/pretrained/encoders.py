@@ -29,15 +29,23 @@ class EncoderError(RepaError, ValueError):
 
 
 class TargetEncoder(eqx.Module):
-    """uint8 images -> the encoder's patch features on the SiT's token grid."""
+    """uint8 images -> the encoder's patch features on the SiT's token grid; with
+    `cls_token` (REG, DINOv2 only), its normalised CLS token first."""
 
     model: Encoder
     resolution: int = eqx.field(static=True)
     name: str = eqx.field(static=True)
+    cls_token: bool = eqx.field(static=True, default=False)
+
+    def __post_init__(self):
+        if self.cls_token and not isinstance(self.model, dinov2.Dinov2):
+            raise EncoderError("id", f"{self.name!r}: REG's CLS token needs a DINOv2 encoder")
 
     def __call__(
         self, images: UInt8[Array | np.ndarray, "batch c h w"]
     ) -> Float[Array, "batch tokens dim"]:
+        if self.cls_token:
+            return dinov2.encode_with_cls(self.model, images, self.resolution)
         return _BY_CLASS[type(self.model)].encode(self.model, images, self.resolution)
 
     def with_attention(

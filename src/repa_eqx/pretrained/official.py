@@ -39,10 +39,15 @@ _ARGS_DEFAULTS = {"resolution": 256, "num_classes": 1000, "qk_norm": False}
 # Not in the reference's `args` (it only builds named sizes with a 2048-wide projector):
 # they describe custom models, e.g. a tiny test one.
 _EXTENSIONS = ("depth", "hidden_size", "num_heads", "in_channels", "projector_dim")
+# REG's SiT (Martinser/REG) has a CLS token of the first encoder's width (its `cls_token_dim`),
+# told apart by its tensors (`cls_projectors2.*`); the loader records the width here.
+_REG_FIELD = "cls_token_dim"
+_REG_MARK = "cls_projectors2.weight"
 _ARGS_FIELDS = frozenset(
     {"model", "encoder_depth", "enc_type", "projector_embed_dims", "fused_attn"}
     | set(_ARGS_DEFAULTS)
     | set(_EXTENSIONS)
+    | {_REG_FIELD}
 )
 # ViT width by size letter: the last part of an `enc_type` entry such as "dinov2-vit-b".
 _VIT_WIDTHS = {"s": 384, "b": 768, "l": 1024, "h": 1280, "g": 1536}
@@ -97,9 +102,20 @@ def official_config(args: Mapping[str, Any]) -> tuple[SiTConfig, tuple[int, ...]
         input_size=int(args["resolution"]) // _VAE_FACTOR,
         num_classes=int(args["num_classes"]),
         encoder_depth=int(args["encoder_depth"]),
+        cls_dim=int(args.get(_REG_FIELD) or 0),
         **sizes,
     )
     return config, _z_dims(args), int(args.get("projector_dim", 2048))
+
+
+def reg_args(tensors: Mapping[str, Any], args: Mapping[str, Any]) -> dict[str, Any]:
+    """`args` with REG's CLS width when the state dict is REG's (its `cls_projectors2`
+    Linear maps the teacher's CLS, of the first projector's output width, to the SiT)."""
+    args = dict(args)
+    weight = strip_wrappers(dict(tensors)).get(_REG_MARK)
+    if weight is not None and not args.get(_REG_FIELD):
+        args[_REG_FIELD] = int(np.shape(weight)[1])
+    return args
 
 
 # ------------------------------------------------------------------------------ names
@@ -139,6 +155,13 @@ def targets(config: SiTConfig, num_projectors: int) -> list[Target]:
     for theirs, ours in blocks.items():
         names = [f"blocks.{i}.{theirs}" for i in range(config.depth)]
         targets += _linear(names, lambda m, a=ours: getattr(m.sit.blocks, a))
+    if config.cls_dim:  # REG: its CLS token's way in and out
+        targets += [
+            *_linear("cls_projectors2", lambda m: m.sit.cls_token.embed),
+            Target("wg_norm.weight", lambda m: m.sit.cls_token.norm_weight),
+            Target("wg_norm.bias", lambda m: m.sit.cls_token.norm_bias),
+            *_linear("final_layer.linear_cls", lambda m: m.sit.cls_token.out),
+        ]
     for j in range(num_projectors):
         for index, ours in (("0", "fc1"), ("2", "fc2"), ("4", "fc3")):
             targets += _linear(
@@ -182,11 +205,14 @@ def _pos_embed_check(stored, config: SiTConfig) -> tuple[str | None, float | Non
     if stored is None:
         return None, None
     ours = sincos_pos_embed_2d(config.hidden_size, config.grid_size)
+    if config.cls_dim:  # REG: a zero row for the CLS token first
+        ours = np.concatenate([np.zeros((1, config.hidden_size), np.float32), ours])
     stored = np.asarray(stored)
     if tuple(d for d in stored.shape if d != 1) != ours.shape:
         return (
             f"pos_embed {tuple(stored.shape)} is not a {config.grid_size}x{config.grid_size} "
-            f"grid of width {config.hidden_size} (expected (1, {ours.shape[0]}, "
+            f"grid{' with a CLS row' if config.cls_dim else ''} of width {config.hidden_size} "
+            f"(expected (1, {ours.shape[0]}, "
             f"{ours.shape[1]}): wrong resolution?)",
             None,
         )
@@ -201,7 +227,7 @@ def _pos_embed_check(stored, config: SiTConfig) -> tuple[str | None, float | Non
 
 
 def _describe(config: SiTConfig, z_dims: Sequence[int]) -> str:
-    family = "DiT" if config.learn_sigma else "SiT"
+    family = "DiT" if config.learn_sigma else ("REG SiT" if config.cls_dim else "SiT")
     projectors = f", with projectors to {tuple(z_dims)}" if z_dims else ""
     return (
         f"a {family} of depth {config.depth}, width {config.hidden_size}, patch "
@@ -259,7 +285,10 @@ def official_state_dict(model: REPAModel) -> dict[str, np.ndarray]:
         else:  # one tensor per layer of a stacked leaf
             out.update(zip(target.names, value, strict=True))
     c = model.sit.config
-    out["pos_embed"] = sincos_pos_embed_2d(c.hidden_size, c.grid_size)[None]
+    table = sincos_pos_embed_2d(c.hidden_size, c.grid_size)
+    if c.cls_dim:
+        table = np.concatenate([np.zeros((1, c.hidden_size), np.float32), table])
+    out["pos_embed"] = table[None]
     return out
 
 
@@ -344,6 +373,10 @@ def load_official(
     files holding a single state dict. Keyword arguments override or supply `args` fields
     (see `official_config`), e.g. `model="SiT-XL/2", encoder_depth=8,
     projector_embed_dims="768"` for the released checkpoint, which has no `args`.
+
+    REG's checkpoints (Martinser/REG: the same files, plus `cls_projectors2`, `wg_norm`,
+    `final_layer.linear_cls` and a `pos_embed` with a zero CLS row) load the same way, as a
+    SiT with its CLS token (`config.cls_dim`, the width of `cls_projectors2`'s input).
     """
     unknown = sorted(set(args_overrides) - _ARGS_FIELDS)
     if unknown:
@@ -353,7 +386,7 @@ def load_official(
     if converted is not None:
         return converted
     tensors, args, weights, steps = read_checkpoint(path, use_ema)
-    args = args | args_overrides
+    args = reg_args(tensors, args | args_overrides)
     config, z_dims, projector_dim = official_config(args)
     model, pos_diff = sit_from_state_dict(tensors, config, z_dims, projector_dim)
     return model, OfficialInfo(args, weights, steps, pos_diff)

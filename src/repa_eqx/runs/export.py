@@ -135,6 +135,12 @@ def model_card(
             f"against teacher layers {list(loss.haste.teacher_layers)} ({loss.haste.heads} "
             f"heads, coefficient {loss.haste.coeff:g})"
         )
+    if encoders and loss.reg is not None:
+        repa += (
+            f"; REG: the teacher's CLS token enters the SiT as an extra token and its velocity "
+            f"is predicted too (coefficient {loss.reg.coeff:g}); samplers integrate it jointly "
+            "with the image (`--cls-cfg` guides it)"
+        )
     if loss.schedule.steps or loss.schedule.stop is not None:
         points = list(zip(loss.schedule.steps, loss.schedule.weights, strict=True))
         repa += f"; alignment weight schedule {points or 'constant'}"

@@ -92,7 +92,12 @@ def load_run(path: str | Path, *, step: int | None = None, ema: bool = True) -> 
     weights = {k[len(prefix) :]: np.asarray(v) for k, v in flat.items() if k.startswith(prefix)}
     if "label_table" not in weights:
         raise RunNotFound(f"{path}/checkpoints/{step} holds no {prefix[:-1]} weights")
-    config = sit_config(recipe, num_classes=weights["label_table"].shape[0] - 1)
+    cls = weights.get("cls_token/embed/weight")  # REG: (hidden, CLS width)
+    config = sit_config(
+        recipe,
+        num_classes=weights["label_table"].shape[0] - 1,
+        cls_dim=0 if cls is None else cls.shape[1],
+    )
     skeleton = eqx.filter_eval_shape(SiT, config, key=jax.random.key(0))
     sit = unflatten(weights, skeleton)
     return SamplingModel(

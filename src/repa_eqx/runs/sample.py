@@ -60,6 +60,7 @@ def sample_model(
     cfg: float = 1.0,
     interval: tuple[float, float] = (0.0, 1.0),
     cfg_channels: int | None = None,
+    cls_cfg: float | None = None,
     num: int = 64,
     classes: Sequence[int] | None = None,
     class_balanced: bool = False,
@@ -87,7 +88,10 @@ def sample_model(
         interval=interval,
         path=model.path,
         cfg_channels=cfg_channels,
+        cls_cfg_scale=cls_cfg if model.sit.config.cls_dim else None,
     )
+    if cls_cfg is not None and not model.sit.config.cls_dim:
+        raise ConfigError("--cls-cfg is for REG models (a CLS token); this one has none")
     labels = choose_labels(
         num, model.sit.config.num_classes, seed=seed, classes=classes, balanced=class_balanced
     )

@@ -52,6 +52,9 @@ class SamplerSpec:
     # DiT only: guide the first this many noise channels (None: all). DiT's sample.py guides
     # 3 of the 4 latent channels; 3 reproduces its published guided samples.
     cfg_channels: int | None = None
+    # REG: the guidance scale of the CLS token's drift (REG's --cls-cfg-scale; None: cfg_scale;
+    # <= 0: the conditional drift, unguided).
+    cls_cfg_scale: float | None = None
 
     def __post_init__(self):
         if self.num_steps < 1:
@@ -78,6 +81,8 @@ class SamplerSpec:
         low, high = self.interval
         solver = f"-{self.solver}" if self.mode == "ode" else ""
         channels = f"-c{self.cfg_channels}" if self.cfg_channels is not None else ""
+        if self.cls_cfg_scale is not None:
+            channels += f"-clscfg{self.cls_cfg_scale:g}"
         return (
             f"{self.mode}{solver}-{self.num_steps}-cfg{self.cfg_scale:g}{channels}-{low:g}_{high:g}"
         )
@@ -90,7 +95,10 @@ def sample(
     labels: Int[Array, " batch"],
     keys: Key[Array, " batch"],
 ) -> Float[Array, "batch c h w"]:
-    """Samples of `sit` (in its own space: pixels in [-1, 1] or scaled latents)."""
+    """Samples of `sit` (in its own space: pixels in [-1, 1] or scaled latents). A REG SiT
+    starts its CLS token from Gaussian noise drawn from the example's key (`keys`, as its SDE
+    noise) and integrates it with the image (`diffusion.samplers`, guided by
+    `spec.cls_cfg_scale`)."""
     if spec.ddpm != sit.config.learn_sigma:
         raise ConfigError(
             f"mode {spec.mode!r} does not sample this model: 'ddpm' and 'ddim' sample a DiT "
@@ -101,6 +109,23 @@ def sample(
         return jax.vmap(lambda x, t, y: sit(x, t, y)[0])(x, t, y)
 
     common = dict(cfg_scale=spec.cfg_scale, interval=spec.interval, null_label=sit.null_label)
+    if sit.config.cls_dim:  # REG: the image and the CLS token, integrated jointly
+        cls_noise = jax.vmap(
+            lambda k: jax.random.normal(
+                jax.random.fold_in(k, 0x7FFFFFFF), (sit.config.cls_dim,), noise.dtype
+            )
+        )(keys)
+        noise = (noise, cls_noise)
+        cls_cfg = spec.cfg_scale if spec.cls_cfg_scale is None else spec.cls_cfg_scale
+        common["cfg_scale"] = (spec.cfg_scale, cls_cfg)
+
+        def network(state, t, y):
+            def one(x, cls, t, y):
+                out = sit.forward(x, t, y, cls=cls)
+                return out.output, out.cls
+
+            return jax.vmap(one)(*state, t, y)
+
     if spec.ddpm:
         run = ddpm_sample if spec.mode == "ddpm" else ddim_sample
         return run(
@@ -114,8 +139,10 @@ def sample(
         )
     common["num_steps"] = spec.num_steps
     if spec.mode == "ode":
-        return ode_sample(network, noise, labels, solver=spec.solver, **common)
-    return sde_sample(network, noise, labels, keys, path=spec.path, **common)
+        out = ode_sample(network, noise, labels, solver=spec.solver, **common)
+    else:
+        out = sde_sample(network, noise, labels, keys, path=spec.path, **common)
+    return out[0] if sit.config.cls_dim else out  # REG: the image; its CLS token is dropped
 
 
 sample_jit = eqx.filter_jit(sample)

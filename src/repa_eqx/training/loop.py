@@ -53,6 +53,7 @@ from .recipe import (
     dump_recipe,
     load_recipe,
     recipe_to_dict,
+    reg_term,
     schedule_points,
     sit_config,
 )
@@ -86,6 +87,13 @@ class TrainData:
     dataset: ImageDataset | None  # pixel datasets (in memory)
     features: Sequence[np.ndarray] | None  # cached target features
     latent_scale: float
+
+
+def _with_cls(recipe: Recipe, index: int, encoder: TargetEncoder) -> TargetEncoder:
+    try:
+        return dataclasses.replace(encoder, cls_token=True)
+    except EncoderError as e:
+        raise RecipeError(f"recipe key 'encoders[{index}].{e.field}' (loss.reg): {e}") from None
 
 
 def load_encoders(specs: Sequence[EncoderSpec], grid: int) -> tuple[TargetEncoder, ...]:
@@ -392,7 +400,8 @@ def _train(recipe, run_dir, mesh, changed, lead, resume, progress, stop_after, c
         (run_dir / "recipe.toml").write_text(dump_recipe(recipe))
 
     config = sit_config(recipe)
-    use_repa = bool(recipe.encoders) and recipe.loss.proj_coeff != 0
+    reg = reg_term(recipe)
+    use_repa = bool(recipe.encoders) and (recipe.loss.proj_coeff != 0 or reg is not None)
     # With lambda = 0 the encoders are loaded only when the evaluation scores CKNNA against
     # them: a vanilla baseline measured exactly like its REPA twin.
     eval_only = (
@@ -402,11 +411,16 @@ def _train(recipe, run_dir, mesh, changed, lead, resume, progress, stop_after, c
         and "cknna" in recipe.eval.metrics
     )
     loaded = load_encoders(recipe.encoders, config.grid_size) if use_repa or eval_only else ()
+    plain = loaded  # what the evaluation compares with: patch features alone
+    if reg is not None:  # REG: each target starts with the teacher's CLS token
+        loaded = tuple(_with_cls(recipe, i, e) for i, e in enumerate(loaded))
     encoders = loaded if use_repa else ()  # the ones the training step uses
     if encoders and recipe.loss.haste is not None:
         _check_teacher(recipe, encoders[0])
     data = _load_data(recipe, loaded, config, in_step=use_repa, progress=progress, console=console)
-    config = sit_config(recipe, num_classes=data.num_classes)
+    config = sit_config(
+        recipe, num_classes=data.num_classes, cls_dim=encoders[0].dim if reg is not None else 0
+    )
 
     monitor = None
     if recipe.eval.every:
@@ -414,8 +428,10 @@ def _train(recipe, run_dir, mesh, changed, lead, resume, progress, stop_after, c
         monitor = Monitor(
             recipe,
             data.dataset,
-            target_features=data.features[0] if data.features else None,
-            encoder=loaded[0] if loaded else None,
+            target_features=(
+                data.features[0][:, 1 if reg is not None else 0 :] if data.features else None
+            ),
+            encoder=plain[0] if plain else None,
             progress=progress,
             out_dir=run_dir / "eval" if lead else None,
         )
@@ -481,6 +497,7 @@ def _train(recipe, run_dir, mesh, changed, lead, resume, progress, stop_after, c
         schedule_stop=recipe.loss.schedule.stop,
         dispersive=dispersive_term(recipe, config),
         distillation=attention_distillation(recipe) if encoders else None,
+        reg=reg,
     )
     step_fn = make_train_step(
         optimizer, step_cfg, static_state, static_enc, shardings=(state_sh, batch_sh, repl)

@@ -1,6 +1,7 @@
 """The training objective of one batch: noise the data, run the model, the denoising loss of
 the recipe's objective plus lambda (times the schedule's weight at this step) times the
-alignment method's loss, plus the dispersive term if the recipe has one.
+alignment method's loss, plus the terms the recipe adds: HASTE's attention distillation (also
+scheduled), REG's CLS-token flow loss, the dispersive loss.
 
 SiT's interpolant objective (`repa_objective`) and DiT's DDPM objective (`ddpm_objective`)
 share everything but the noising and the denoising loss."""
@@ -13,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from ..alignment import REPA, AlignmentMethod, AttentionDistillation, Dispersive
+from ..alignment import REG, REPA, AlignmentMethod, AttentionDistillation, Dispersive
 from ..diffusion import ddpm, interpolants
 from ..diffusion.losses import denoising_loss
 from ..model.repa import ModelOutputs, REPAModel
@@ -25,19 +26,29 @@ def cast(tree, dtype):
 
 
 def _predict(
-    model: REPAModel, x_t, t, y, key: PRNGKeyArray, compute_dtype, remat: str, taps, attention
+    model: REPAModel,
+    x_t,
+    t,
+    y,
+    key: PRNGKeyArray,
+    compute_dtype,
+    remat: str,
+    taps,
+    attention,
+    cls_t=None,
 ) -> ModelOutputs:
     """The model on a noisy batch, each example with its own label-dropout key: the output,
-    the projected hidden states, the hidden states after blocks `taps` and the attention
-    logits of blocks `attention`. bf16 compute keeps fp32 master weights: the cast is part of
-    the differentiated function."""
+    the projected hidden states, the hidden states after blocks `taps`, the attention
+    logits of blocks `attention` (and with REG's noisy CLS tokens `cls_t`, their velocity).
+    bf16 compute keeps fp32 master weights: the cast is part of the differentiated function."""
     run = cast(model, compute_dtype)
     keys = jax.random.split(key, x_t.shape[0])
 
-    def one(xi, ti, yi, ki):
-        return run.forward(xi, ti, yi, key=ki, remat=remat, taps=taps, attention=attention)
+    def one(xi, ti, yi, ki, ci):
+        return run.forward(xi, ti, yi, key=ki, remat=remat, taps=taps, attention=attention, cls=ci)
 
-    return jax.vmap(one)(x_t.astype(compute_dtype), t, y, keys)
+    cls_in = None if cls_t is None else cls_t.astype(compute_dtype)
+    return jax.vmap(one)(x_t.astype(compute_dtype), t, y, keys, cls_in)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +59,7 @@ class Terms:
     proj_coeff: float = 0.5
     dispersive: Dispersive | None = None
     distillation: AttentionDistillation | None = None
+    reg: REG | None = None
 
     @property
     def taps(self) -> tuple[int, ...]:
@@ -62,9 +74,11 @@ DEFAULT_TERMS = Terms()  # REPA, lambda 0.5
 
 
 def _terms(denoise, out: ModelOutputs, targets, teacher_attention, aux: dict, terms: Terms, weight):
-    """denoising + weight(step) * (lambda * alignment + HASTE's attention term) + the
-    dispersive term, and the parts."""
+    """denoising + weight(step) * (lambda * alignment + HASTE's attention term) + REG's CLS
+    term (in `aux` already) + the dispersive term, and the parts."""
     total = denoise
+    if "cls_loss" in aux:
+        total = total + terms.reg.coeff * aux["cls_loss"]
     align_coeff = terms.proj_coeff if weight is None else terms.proj_coeff * weight
     if targets:
         method = terms.alignment
@@ -108,12 +122,18 @@ def repa_objective(
     t = interpolants.sample_t(k_t, (x.shape[0],), path, weighting)
     noise = jax.random.normal(k_noise, x.shape)
     x_t, v_target = interpolants.interpolate(path, x, noise, t)
+    cls_t = cls_target = None
+    if terms.reg is not None:  # REG: the teacher's CLS at the same t, with its own noise
+        cls = terms.reg.teacher_cls(targets[0])
+        cls_noise = jax.random.normal(jax.random.fold_in(key, 3), cls.shape)
+        cls_t, cls_target = interpolants.interpolate(path, cls, cls_noise, t)
     out = _predict(
         model, x_t, t.astype(compute_dtype), y, k_drop, compute_dtype, remat, terms.taps,
-        terms.attention,
+        terms.attention, cls_t,
     )  # fmt: skip
     denoise = denoising_loss(out.output, v_target)
-    return _terms(denoise, out, targets, teacher_attention, {}, terms, align_weight)
+    aux = {} if cls_target is None else {"cls_loss": denoising_loss(out.cls, cls_target)}
+    return _terms(denoise, out, targets, teacher_attention, aux, terms, align_weight)
 
 
 def ddpm_objective(

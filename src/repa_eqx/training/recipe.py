@@ -14,7 +14,7 @@ from typing import Literal
 
 import tomli_w
 
-from ..alignment import METHODS, AlignmentMethod, AttentionDistillation, get_method
+from ..alignment import METHODS, REG, AlignmentMethod, AttentionDistillation, get_method
 from ..alignment.dispersive import Dispersive
 from ..alignment.irepa import KERNEL_SIZES
 from ..alignment.schedule import check_schedule
@@ -94,6 +94,13 @@ class DispersiveSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class RegSpec:
+    # REG: the first target encoder's (a DINOv2's) CLS token enters the SiT as one extra
+    # token, noised like the image; its velocity loss is added as coeff * loss (REG's `--cls`).
+    coeff: float = 0.03
+
+
+@dataclasses.dataclass(frozen=True)
 class LossSpec:
     # "interpolant": SiT's velocity loss on the `path` interpolant, t drawn per `weighting`.
     # "ddpm": DiT's loss (1000 steps, linear betas; noise MSE + the variational bound on
@@ -111,6 +118,8 @@ class LossSpec:
     haste: HasteSpec | None = None
     # The encoder-free dispersive loss, off unless this table is given.
     dispersive: DispersiveSpec | None = None
+    # REG's CLS token, off unless this table is given.
+    reg: RegSpec | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -374,6 +383,24 @@ def _check(recipe: Recipe) -> None:
                 "recipe section 'loss.haste' needs the teacher's attention maps in each step: "
                 "set data.precompute_features = false"
             )
+    reg = recipe.loss.reg
+    if reg is not None:
+        why = None
+        if not recipe.encoders:
+            why = "needs a target encoder (a DINOv2: its CLS token enters the SiT)"
+        elif recipe.loss.objective != "interpolant":
+            why = "is for SiTs trained on an interpolant (loss.objective = 'interpolant')"
+        elif recipe.loss.alignment != "repa":
+            why = (
+                f"aligns the CLS token with REPA's projector; loss.alignment = "
+                f"{recipe.loss.alignment!r} works on the patch grid alone"
+            )
+        elif recipe.loss.haste is not None:
+            why = "cannot be combined with loss.haste (its attention maps are patch-to-patch)"
+        elif not reg.coeff >= 0:
+            why = f"coeff must be >= 0, got {reg.coeff}"
+        if why:
+            raise RecipeError(f"recipe section 'loss.reg' {why}")
     disp = recipe.loss.dispersive
     if disp is not None:
         depth = sit_config(recipe).depth
@@ -459,8 +486,9 @@ def dump_recipe(recipe: Recipe) -> str:
     return tomli_w.dumps(recipe_to_dict(recipe))
 
 
-def sit_config(recipe: Recipe, num_classes: int | None = None) -> SiTConfig:
-    """The SiT the recipe's `model` section describes (`num_classes`: the dataset's)."""
+def sit_config(recipe: Recipe, num_classes: int | None = None, cls_dim: int = 0) -> SiTConfig:
+    """The SiT the recipe's `model` section describes (`num_classes`: the dataset's;
+    `cls_dim`: REG's CLS width, the first target encoder's)."""
     m = recipe.model
     overrides = {
         k: v
@@ -479,6 +507,7 @@ def sit_config(recipe: Recipe, num_classes: int | None = None) -> SiTConfig:
             in_channels=m.in_channels,
             num_classes=num_classes or m.num_classes,
             class_dropout_prob=m.class_dropout_prob,
+            cls_dim=cls_dim,
             **overrides,
         )
     except ConfigError as e:
@@ -503,6 +532,12 @@ def attention_distillation(recipe: Recipe) -> AttentionDistillation | None:
     if h is None or h.coeff == 0 or not recipe.encoders:
         return None
     return AttentionDistillation(h.sit_blocks, h.teacher_layers, h.heads, h.coeff)
+
+
+def reg_term(recipe: Recipe) -> REG | None:
+    """REG's CLS-token term the recipe asks for (None: off)."""
+    r = recipe.loss.reg
+    return None if r is None or not recipe.encoders else REG(r.coeff)
 
 
 def dispersive_term(recipe: Recipe, config: SiTConfig) -> Dispersive | None:

@@ -12,6 +12,7 @@ import optax
 from jaxtyping import Array, Int, PRNGKeyArray
 
 from ..alignment import (
+    REG,
     REPA,
     AlignmentMethod,
     AttentionDistillation,
@@ -75,10 +76,11 @@ class StepConfig:
     schedule_stop: int | None = None
     dispersive: Dispersive | None = None  # recipe section loss.dispersive
     distillation: AttentionDistillation | None = None  # recipe section loss.haste
+    reg: REG | None = None  # recipe section loss.reg (the targets then start with the CLS)
 
     @property
     def terms(self) -> Terms:
-        return Terms(self.alignment, self.proj_coeff, self.dispersive, self.distillation)
+        return Terms(self.alignment, self.proj_coeff, self.dispersive, self.distillation, self.reg)
 
     def objective_fn(self) -> Callable:
         """`(model, x, y, targets, key, *, terms, compute_dtype, remat, align_weight,
