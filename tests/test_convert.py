@@ -129,7 +129,9 @@ def test_hub_id_offline_from_the_cache_is_versioned_by_commit(tmp_path, monkeypa
         convert("someone/never-downloaded")
 
 
-def test_official_checkpoint(tmp_path):
+@pytest.mark.parametrize("reg", [False, True])
+def test_official_checkpoint(tmp_path, reg):
+    """A REPA checkpoint, and a REG one (a SiT with its CLS token), through the cache."""
     from repa_eqx.model.repa import REPAModel
     from repa_eqx.pretrained.official import export_official, load_official, official_config
 
@@ -137,7 +139,10 @@ def test_official_checkpoint(tmp_path):
         model="SiT-S/2", depth=2, hidden_size=32, num_heads=2, resolution=64, num_classes=10,
         encoder_depth=1, projector_dim=16, projector_embed_dims="24",
     )  # fmt: skip
+    if reg:
+        args["cls_token_dim"] = 24
     config, z_dims, projector_dim = official_config(args)
+    assert config.cls_dim == (24 if reg else 0)
     model = REPAModel(config, z_dims, projector_dim, key=jax.random.key(1))
     pt = next(f for f in export_official(model, tmp_path / "repa", args=args) if f.suffix == ".pt")
     reference, info = load_official(pt)
