@@ -344,6 +344,20 @@ def _check_teacher(recipe: Recipe, teacher) -> None:
         )
 
 
+class _Speed:
+    """Steps and images per second since the previous call (the first: since `step`), logged
+    with the losses; an interval holds whatever else ran in it (evaluation, grids, compiles)."""
+
+    def __init__(self, step: int, batch_size: int):
+        self.time, self.step, self.batch_size = time.perf_counter(), step, batch_size
+
+    def __call__(self, step: int) -> dict[str, float]:
+        now = time.perf_counter()
+        rate = (step - self.step) / max(now - self.time, 1e-9)
+        self.time, self.step = now, step
+        return {"steps_per_s": rate, "images_per_s": rate * self.batch_size}
+
+
 def _log_line(values: dict[str, float]) -> str:
     info = f"loss {values['loss']:.4f}"
     if "repa_loss" in values:
@@ -505,12 +519,14 @@ def _train(recipe, run_dir, mesh, changed, lead, resume, progress, stop_after, c
     def ema_of(arrays):
         return eqx.combine(arrays, static_state).ema
 
-    def log(step: int, metrics) -> dict[str, float]:
-        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    def log(step: int, metrics, speed: Callable[[int], dict] | None = None) -> dict[str, float]:
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for the step
         if not all(np.isfinite(v) for v in values.values()):
             raise TrainingDiverged(
                 f"non-finite loss at step {step} ({values}); last good checkpoint: {last_good()}"
             )
+        if speed is not None:
+            values |= speed(step)
         if lead:
             metrics_log.write(step, values)
         return values
@@ -518,7 +534,7 @@ def _train(recipe, run_dir, mesh, changed, lead, resume, progress, stop_after, c
     end = total if stop_after is None else min(total, start + stop_after)
     last: dict[str, float] = {}
     bar = progress_bar("train", console=console, disable=not (progress and lead), bar_width=12)
-    t_last, step_last = time.perf_counter(), start
+    speed = _Speed(start, recipe.data.batch_size)
     completed, unlogged = start, None
     try:
         with bar:
@@ -529,14 +545,10 @@ def _train(recipe, run_dir, mesh, changed, lead, resume, progress, stop_after, c
                 completed = done = step + 1
                 unlogged = (done, metrics)
                 if done % recipe.train.log_every == 0 or done == end:
-                    values = log(done, metrics)
+                    values = log(done, metrics, speed)
                     unlogged = None
-                    now = time.perf_counter()
-                    rate = (done - step_last) / max(now - t_last, 1e-9)
-                    t_last, step_last = now, done
-                    values["steps_per_s"] = rate
-                    values["images_per_s"] = rate * recipe.data.batch_size
                     last = values
+                    rate = values["steps_per_s"]
                     bar.update(task, rate=f"{rate:.2f} it/s", info=_log_line(values))
                 bar.update(task, completed=done)
                 if done % recipe.train.checkpoint_every == 0 or done == total:
