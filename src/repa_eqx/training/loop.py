@@ -21,7 +21,7 @@ from ..core.errors import RepaError, StorageError
 from ..core.files import storage_errors
 from ..core.images import save_grid
 from ..core.progress import progress_bar
-from ..data.datasets import ImageDataset, load_mnist_5k
+from ..data.datasets import PIXEL_DATASETS, ImageDataset, load_pixel_dataset
 from ..data.features import precompute_features
 from ..data.pipeline import Batches, LatentSource, PixelSource, Source, batch_dataset
 from ..model.sit import SiTConfig
@@ -114,8 +114,13 @@ def _load_data(
     """The training data; with `in_step` False the encoders serve evaluation only (their
     cached features go to the Monitor, not into the batches)."""
     d = recipe.data
-    if d.dataset == "mnist-5k":
-        dataset = load_mnist_5k(recipe.model.input_size)
+    if d.dataset in PIXEL_DATASETS:
+        dataset = load_pixel_dataset(d.dataset, recipe.model.input_size)
+        if dataset.images.shape[1] != config.in_channels:
+            raise RecipeError(
+                f"recipe key 'model.in_channels': {config.in_channels}, but {d.dataset} has "
+                f"{dataset.images.shape[1]} channels"
+            )
         features = None
         if encoders and d.precompute_features:
             features = precompute_features(encoders, dataset, progress=progress, console=console)
@@ -125,10 +130,15 @@ def _load_data(
             features=features if in_step else None,
         )
         return TrainData(source, dataset.num_classes, dataset, features, 1.0)
+    pixel = ", ".join(PIXEL_DATASETS)
     if d.precompute_features:
-        raise RecipeError("recipe key 'data.precompute_features' is for mnist-5k only")
+        raise RecipeError(
+            f"recipe key 'data.precompute_features' is for the pixel datasets ({pixel}) only"
+        )
     if recipe.eval.every:
-        raise RecipeError("recipe key 'eval.every': in-training evaluation needs mnist-5k")
+        raise RecipeError(
+            f"recipe key 'eval.every': in-training evaluation needs a pixel dataset ({pixel})"
+        )
     source = LatentSource(d.path, keep_image=bool(encoders) and in_step)
     expected = (config.in_channels, config.input_size, config.input_size)
     if source.latent_shape != expected:
