@@ -657,7 +657,8 @@ def write_report(runs_dir: Path, out_dir: Path, datasets=None, methods=None, see
     counts = "-".join(map(str, sorted({sizes[0], sizes[-1]}))) if sizes else "no"
     lines.append(
         "Better or worse above means that the seeds' ranges do not overlap; with FD on "
-        f"{samples} and {counts} seeds per method, only large effects are resolved."
+        f"{samples} and {counts} seed{'' if counts == '1' else 's'} per method, only large "
+        "effects are resolved."
     )
     lines.append("")
     out_dir.mkdir(parents=True, exist_ok=True)
