@@ -22,8 +22,13 @@ lint:
     ruff format --check src cli tests benchmarks
     lint-imports
 
-# The REPA effect on MNIST: vanilla SiT vs SiT + REPA, same seed and budget (docs/results/).
+# REPA's family (vanilla, REPA, iREPA, HASTE, REG, dispersive) on MNIST-5k and photo crops,
+# 3 seeds each: docs/results/family_study.md and .png. Needs scikit-image (the test install).
 study *ARGS:
+    python benchmarks/family_study.py {{ARGS}}
+
+# The earlier pair: vanilla SiT vs SiT + REPA on MNIST, one seed (docs/results/mnist_study.md).
+study-mnist *ARGS:
     python benchmarks/study.py {{ARGS}}
 
 # Per-step cost of each alignment method (vanilla, REPA, iREPA, HASTE, REG, dispersive) vs REPA.

@@ -1,4 +1,4 @@
-"""The REPA effect on MNIST, measured (`just study`).
+"""The REPA effect on MNIST, measured (`just study-mnist`).
 
 Trains the pair recipes/study_vanilla.toml and recipes/study_repa.toml one after the other (the
 same seed, initial SiT weights, data order, step budget and evaluation; only the loss differs:
@@ -401,20 +401,27 @@ def _unit(x, axis=-1):
 
 
 def teacher_baselines(runs_dir: Path) -> dict[str, float]:
+    """`teacher_predictability` of the REPA run's recipe (MNIST-5k)."""
+    from repa_eqx.training.recipe import load_recipe
+
+    return teacher_predictability(load_recipe(runs_dir / "repa" / "recipe.toml"))
+
+
+def teacher_predictability(recipe) -> dict[str, float]:
     """How well the REPA target can be matched without looking at the image: the mean cosine
     similarity of the teacher's patch features to (a) one constant direction, (b) the mean
     feature of their token position, (c) the mean of their position within their class (the
-    SiT is told the class). Computed on the cached features of all 5,000 digits."""
+    SiT is told the class). Computed on the cached features of every image of the recipe's
+    pixel data set, with its first encoder."""
     import numpy as np
 
-    from repa_eqx.data.datasets import load_mnist_5k
+    from repa_eqx.data.datasets import load_pixel_dataset
     from repa_eqx.data.features import precompute_features
     from repa_eqx.training.loop import load_encoders
-    from repa_eqx.training.recipe import load_recipe, sit_config
+    from repa_eqx.training.recipe import sit_config
 
-    recipe = load_recipe(runs_dir / "repa" / "recipe.toml")
     encoders = load_encoders(recipe.encoders[:1], grid=sit_config(recipe).grid_size)
-    dataset = load_mnist_5k(recipe.model.input_size)
+    dataset = load_pixel_dataset(recipe.data.dataset, recipe.model.input_size)
     (features,) = precompute_features(encoders, dataset, progress=False)
     u = _unit(np.asarray(features, np.float32))  # (N, tokens, dim)
     constant = _unit(u.reshape(-1, u.shape[-1]).mean(0))
@@ -479,10 +486,11 @@ def write_report(runs_dir: Path, out_dir: Path) -> tuple[Path, Path]:
     lines = [
         "# The REPA effect on MNIST-5k",
         "",
-        "Written by `just study` (benchmarks/study.py) from the two runs' metrics.jsonl: a small "
-        "class-conditional SiT (recipes/study_vanilla.toml) and the same SiT with REPA against "
-        "the offline DINOv2-S teacher (recipes/study_repa.toml), MNIST-5k in pixel space. The "
-        "two recipes differ only in the REPA loss term; every evaluation scores the EMA model.",
+        "Written by `just study-mnist` (benchmarks/study.py) from the two runs' metrics.jsonl: "
+        "a small class-conditional SiT (recipes/study_vanilla.toml) and the same SiT with REPA "
+        "against the offline DINOv2-S teacher (recipes/study_repa.toml), MNIST-5k in pixel "
+        "space. The two recipes differ only in the REPA loss term; every evaluation scores the "
+        "EMA model.",
         "",
         f"![the evaluations of both runs against step]({png.name})",
         "",

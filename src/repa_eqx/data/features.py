@@ -1,5 +1,5 @@
 """Target features computed once per dataset and kept on disk: the frozen encoders' patch
-features of every image of an in-memory dataset (MNIST-5k), so training never runs them."""
+features of every image of an in-memory pixel dataset, so training never runs them."""
 
 import hashlib
 import logging

@@ -31,7 +31,7 @@ class Source(Protocol):
 
 
 class PixelSource:
-    """An in-memory image dataset (MNIST-5k): `x` in [-1, 1], `y`, and, when an in-step
+    """An in-memory pixel dataset (MNIST-5k, photo-crops): `x` in [-1, 1], `y`, and, when an in-step
     encoder needs it, the raw uint8 `image`; `features` when target features were cached."""
 
     def __init__(

