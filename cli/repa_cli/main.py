@@ -1,5 +1,6 @@
 """The `repa` command line: parses arguments, calls the library, turns errors into one line."""
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -24,6 +25,12 @@ app = typer.Typer(
 def main() -> None:
     """Train SiT with REPA (`repa train`), sample from it (`repa sample`), publish it
     (`repa push-to-hub`); convert pretrained weights (`repa convert`)."""
+    # Before any command starts a backend: XLA reads its flags once (core.xla_flags). Help
+    # needs no backend and is answered without importing the library.
+    if "--help" not in sys.argv[1:]:
+        from repa_eqx.core.xla_flags import configure_xla_gpu
+
+        configure_xla_gpu()
 
 
 @app.command()
