@@ -24,6 +24,24 @@ XLA step does not yet), bf16 MFU against the fp32 peak is an upper bound. Other 
 load the machine at any point of the run and a loaded measurement only underestimates the
 peak, so the matmul is timed before each configuration and at the end; the best is the peak.
 
+Memory (`--memory`, `just bench --memory`). For SiT-XL/2 + REPA (the paper's set-up: 4x32x32
+latents, 1000 classes, projector to 768-d targets, AdamW and EMA) at batch 32 per device, for each
+remat policy (none, dots, full) and precision, the compiled step's memory from XLA's memory
+analysis (`compiled.memory_analysis()`, on abstract weights as above), and the largest per-device
+batch whose step fits a memory limit (80 GB by default). The fields, in bytes: arguments (the
+state, which the step donates, and the batch), outputs (the new state and the metrics), temp
+(XLA's one block for every intermediate buffer, its size the peak of those live at once), alias
+(outputs written over donated arguments). The step's peak is arguments + outputs + temp - alias:
+every buffer the step holds while it runs. XLA's own `peak_memory_in_bytes` (its simulation of
+the live buffers over the program) is printed beside it; it can be lower.
+The largest batch: memory is affine in the batch size, so the peaks at batch 32 and 64 give a
+line and its crossing of the limit a batch b; the steps at b and b + 1 are then compiled to
+confirm that b fits and b + 1 does not (if not, a new line through the nearest two measured
+batches, at most three rounds). Each compile of XL/2 takes tens of seconds on a small CPU, so this
+is 4 compiles per configuration when the line is right: about 24 for the default 3 x 2.
+This is XLA:CPU's analysis of the step compiled for the CPU; the GPU compiler fuses and assigns
+buffers differently, so a GPU's figure differs (`benchmarks/device_check.sh` measures it there).
+
 PyTorch baseline (`--torch`, on by default when torch is importable). For each configuration the
 same step written in eager PyTorch (benchmarks/torch_repa_step.py: the reference's SDPA attention,
 bf16 through `torch.autocast`, torch's default thread count) runs on the same batch with the same
@@ -39,6 +57,7 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import equinox as eqx
@@ -48,6 +67,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from repa_eqx.core.xla_flags import configure_xla_gpu
 from repa_eqx.model.sit import REMAT_POLICIES, SiTConfig
 from repa_eqx.training.recipe import Recipe
 from repa_eqx.training.step import StepConfig, init_state, make_optimizer, make_train_step
@@ -100,9 +120,10 @@ def lower_step(config: SiTConfig, step_cfg: StepConfig, batch: dict):
     return state_arrays, enc_arrays, lowered, time.perf_counter() - start
 
 
-def compile_seconds(model: str, precision: str, batch_size: int, remat: str) -> tuple[float, float]:
-    """(lower s, compile s) of the step for an abstract state and batch (`eval_shape`): no
-    weights are allocated, so this measures models too big to run here, such as SiT-XL/2."""
+def lower_abstract(model: str, precision: str, batch_size: int, remat: str):
+    """The step lowered for an abstract state and batch (`eval_shape`): no weights are
+    allocated, so this reaches models too big to run here, such as SiT-XL/2. Returns
+    (lowered, seconds spent lowering)."""
     config = imagenet_config(model)
     optimizer = make_optimizer(Recipe())
     state = eqx.filter_eval_shape(init_state, config, [TARGET_DIM], PROJECTOR_DIM, optimizer, 0)
@@ -113,9 +134,15 @@ def compile_seconds(model: str, precision: str, batch_size: int, remat: str) -> 
     batch = jax.eval_shape(lambda: make_batch(batch_size, config.num_tokens))
     start = time.perf_counter()
     lowered = step_fn.lower(state_arrays, batch, enc_arrays)
-    middle = time.perf_counter()
+    return lowered, time.perf_counter() - start
+
+
+def compile_seconds(model: str, precision: str, batch_size: int, remat: str) -> tuple[float, float]:
+    """(lower s, compile s) of the step for an abstract state and batch (`lower_abstract`)."""
+    lowered, lower_s = lower_abstract(model, precision, batch_size, remat)
+    start = time.perf_counter()
     lowered.compile()
-    return middle - start, time.perf_counter() - middle
+    return lower_s, time.perf_counter() - start
 
 
 def model_flops(config: SiTConfig, step_cfg: StepConfig, batch: dict) -> float:
@@ -249,6 +276,125 @@ def bench_torch(model: str, precision: str, batch_size: int, steps: int, warmup:
     }
 
 
+GB = 1e9
+MEMORY_FIELDS = ("argument", "output", "temp", "alias")
+
+
+def compiled_memory(compiled) -> dict[str, int]:
+    """The compiled step's memory analysis, in bytes (see the module docstring): its fields,
+    `peak` = argument + output + temp - alias, and XLA's own `xla_peak`."""
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        raise RuntimeError(f"the {jax.default_backend()} backend gives no memory analysis")
+    sizes = {f: int(getattr(analysis, f"{f}_size_in_bytes")) for f in MEMORY_FIELDS}
+    sizes["peak"] = sizes["argument"] + sizes["output"] + sizes["temp"] - sizes["alias"]
+    sizes["xla_peak"] = int(getattr(analysis, "peak_memory_in_bytes", 0) or 0)
+    return sizes
+
+
+def step_memory(model: str, precision: str, batch_size: int, remat: str) -> dict:
+    """The memory of the step of SiT-`model` (+ REPA, AdamW, EMA) compiled for this backend, on
+    abstract weights, and the seconds it took to lower and compile."""
+    lowered, lower_s = lower_abstract(model, precision, batch_size, remat)
+    start = time.perf_counter()
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - start
+    return {
+        "model": f"SiT-{model}",
+        "precision": precision,
+        "remat": remat,
+        "batch": batch_size,
+        "compile_s": lower_s + compile_s,
+        **compiled_memory(compiled),
+    }
+
+
+def largest_batch(
+    peak_at: Callable[[int], float], limit: float, start: tuple[int, int] = (32, 64), rounds=3
+) -> tuple[int, bool]:
+    """The largest batch b with peak_at(b) <= limit, for a peak affine in the batch: the line
+    through two measured batches gives b, then b and b + 1 are measured to confirm it; if they
+    do not, the line through the two measured batches nearest the limit gives the next b.
+    Returns (b, confirmed); `peak_at` is called once per batch size tried."""
+    peaks: dict[int, float] = {}
+
+    def peak(b: int) -> float:
+        if b not in peaks:
+            peaks[b] = peak_at(b)
+        return peaks[b]
+
+    for b in start:
+        peak(b)
+    b = 0
+    for _ in range(rounds):
+        (b0, p0), (b1, p1) = sorted(peaks.items(), key=lambda bp: abs(bp[1] - limit))[:2]
+        slope = (p1 - p0) / (b1 - b0)
+        if slope <= 0:
+            raise RuntimeError(f"memory does not grow with the batch: {sorted(peaks.items())}")
+        b = max(0, math.floor(b0 + (limit - p0) / slope))
+        if (b == 0 or peak(b) <= limit) and peak(b + 1) > limit:
+            return b, True
+    return b, False
+
+
+def memory_study(
+    model: str, precisions: list[str], remats: list[str], batch: int, limit_gb: float, log
+) -> list[dict]:
+    """`step_memory` at `batch` for each remat policy and precision, and the largest batch
+    within `limit_gb` (`largest_batch`, from `batch` and 2 x `batch`)."""
+    rows = []
+    for remat in remats:
+        for precision in precisions:
+            tried: dict[int, dict] = {}
+
+            def peak_at(b: int, precision=precision, remat=remat, tried=tried) -> float:
+                log.print(f"SiT-{model} {precision} remat={remat} batch {b}: compiling")
+                tried[b] = step_memory(model, precision, b, remat)
+                log.print(
+                    f"  peak {tried[b]['peak'] / GB:.2f} GB, "
+                    f"compiled in {tried[b]['compile_s']:.0f} s"
+                )
+                return tried[b]["peak"]
+
+            fit, confirmed = largest_batch(peak_at, limit_gb * GB, start=(batch, 2 * batch))
+            row = dict(tried[batch])
+            row.update(
+                limit_gb=limit_gb,
+                max_batch=fit,
+                max_batch_confirmed=confirmed,
+                peaks_by_batch={b: tried[b]["peak"] for b in sorted(tried)},
+            )
+            rows.append(row)
+    return rows
+
+
+def memory_table(rows: list[dict], limit_gb: float) -> Table:
+    table = Table(
+        title=f"Memory of the REPA train step, {rows[0]['model']} + projector to 768-d, AdamW + "
+        f"EMA, batch {rows[0]['batch']} per device (XLA memory analysis, "
+        f"{jax.default_backend()})",
+        caption="GB = 1e9 bytes. peak = arguments + outputs + temp - aliased; XLA peak: its "
+        "peak_memory_in_bytes",
+    )
+    headers = ["remat", "precision", "arguments", "outputs", "temp", "aliased", "peak"]
+    headers += ["XLA peak", "compile s", f"max batch <= {limit_gb:g} GB", "peak at max, +1"]
+    for header in headers:
+        table.add_column(header, justify="left" if header in headers[:2] else "right")
+    for r in rows:
+        peaks = r["peaks_by_batch"]
+        b = r["max_batch"]
+        at = [peaks.get(b), peaks.get(b + 1)]
+        table.add_row(
+            r["remat"],
+            r["precision"],
+            *(f"{r[f] / GB:.2f}" for f in (*MEMORY_FIELDS, "peak", "xla_peak")),
+            f"{r['compile_s']:.0f}",
+            f"{b}" + ("" if r["max_batch_confirmed"] else " (not confirmed)"),
+            ", ".join("-" if p is None else f"{p / GB:.1f}" for p in at),
+        )
+    return table
+
+
 def results_table(rows: list[dict], steps: int, warmup: int) -> Table:
     table = Table(
         title=f"REPA train step, batch {rows[0]['batch']}: SiT on 4x32x32 latents (256 tokens) "
@@ -296,9 +442,18 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     parser.add_argument(
         "--remat",
-        default="dots",
-        help="comma-separated train.remat policies to time: none,dots,full (default dots)",
+        help="comma-separated train.remat policies: none,dots,full (default: dots when timing, "
+        "all three with --memory)",
     )
+    parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="only the memory study: the compiled step's peak memory by remat policy and "
+        "precision, and the largest batch within --memory-limit-gb (see the docstring)",
+    )
+    parser.add_argument("--memory-model", default="XL/2", help="SiT size of --memory")
+    parser.add_argument("--memory-batch", type=int, default=32, help="per-device batch of --memory")
+    parser.add_argument("--memory-limit-gb", type=float, default=80.0, help="GB = 1e9 bytes")
     parser.add_argument(
         "--compile-only",
         default="XL/2",
@@ -313,6 +468,10 @@ def main() -> None:
         help="also time the same step in eager PyTorch (default: on when torch is importable)",
     )
     args = parser.parse_args()
+    configure_xla_gpu()  # before JAX starts its backend
+    if args.memory:
+        memory_main(args)
+        return
     if args.torch and not have_torch:
         parser.error("--torch needs PyTorch installed")
     torch_info = {}
@@ -324,7 +483,7 @@ def main() -> None:
     precisions = parse_list(args.precisions)
     if unknown := set(precisions) - set(PRECISIONS):
         parser.error(f"unknown precision(s) {sorted(unknown)}: choose from {PRECISIONS}")
-    remats = parse_list(args.remat)
+    remats = parse_list(args.remat or "dots")
     if unknown := set(remats) - set(REMAT_POLICIES):
         parser.error(f"unknown remat {sorted(unknown)}: choose from {sorted(REMAT_POLICIES)}")
     if args.steps < 1 or args.batch < 1 or args.warmup < 0:
@@ -408,6 +567,39 @@ def main() -> None:
                 for c in compiles
             ],
         }
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        log.print(f"wrote {args.json}")
+
+
+def memory_main(args) -> None:
+    """`--memory`: the memory study of the module docstring, printed as a table."""
+    precisions = parse_list(args.precisions)
+    remats = parse_list(args.remat or ",".join(REMAT_POLICIES))
+    for values, known in ((precisions, PRECISIONS), (remats, tuple(REMAT_POLICIES))):
+        if unknown := set(values) - set(known):
+            raise SystemExit(f"unknown {sorted(unknown)}: choose from {known}")
+    model = args.memory_model.removeprefix("SiT-")
+    jax.config.update("jax_enable_compilation_cache", False)
+    log = Console(stderr=True)
+    start = time.perf_counter()
+    rows = memory_study(model, precisions, remats, args.memory_batch, args.memory_limit_gb, log=log)
+    total_s = time.perf_counter() - start
+    console = Console(width=None if Console().is_terminal else 150)
+    console.print(memory_table(rows, args.memory_limit_gb))
+    device = jax.devices()[0]
+    console.print(
+        f"XLA:{jax.default_backend().upper()}'s memory analysis of the step compiled for "
+        f"{device.device_kind} ({platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores), jax {jax.__version__}; abstract weights, nothing run. The "
+        "GPU compiler fuses and assigns buffers differently: benchmarks/device_check.sh "
+        "measures the step on the GPU.\n"
+        "max batch: the line through the peaks at two batches, confirmed by compiling the "
+        f"step at the batch found and at one more. {sum(len(r['peaks_by_batch']) for r in rows)}"
+        f" compiles, {total_s:.0f} s."
+    )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        report = {"jax": jax.__version__, "backend": jax.default_backend(), "rows": rows}
         args.json.write_text(json.dumps(report, indent=2) + "\n")
         log.print(f"wrote {args.json}")
 
