@@ -16,6 +16,11 @@ test-all *ARGS:
 bench *ARGS:
     python benchmarks/bench_train_step.py {{ARGS}}
 
+# The GPU device check: step time, MFU, memory and sampling speed of SiT-B/2 and XL/2, < 8 min.
+# `just device-check --smoke` runs its tiny version on a CPU.
+device-check *ARGS:
+    bash benchmarks/device_check.sh {{ARGS}}
+
 # Style, and the architecture's import contracts (pyproject.toml, ARCHITECTURE.md).
 lint:
     ruff check src cli tests benchmarks

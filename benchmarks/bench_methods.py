@@ -41,6 +41,7 @@ from rich.console import Console
 from rich.table import Table
 
 from repa_eqx.alignment import IREPA, REG, AttentionDistillation, Dispersive
+from repa_eqx.core.xla_flags import configure_xla_gpu
 from repa_eqx.model.sit import SiTConfig
 from repa_eqx.pretrained.dinov2 import Dinov2, Dinov2Config
 from repa_eqx.pretrained.encoders import TargetEncoder
@@ -155,6 +156,7 @@ def main(argv=None) -> None:
     parser.add_argument("--teacher", default="768,12,12", help="teacher WIDTH,DEPTH,HEADS")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args(argv)
+    configure_xla_gpu()  # before JAX starts its backend
     console = Console()
     width, depth, heads = (int(v) for v in args.teacher.split(","))
     encoder = teacher(width, depth, heads)
