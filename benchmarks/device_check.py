@@ -285,9 +285,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     devices = jax.devices()
     device = devices[0]
     if device.platform != "gpu" and not args.smoke:
-        console.print(
-            f"warning: no GPU here ({device.platform}: {device.device_kind}); the full check "
-            "is meant for a GPU (--smoke runs the tiny one)"
+        raise SystemExit(
+            f"error: no GPU here ({device.platform}: {device.device_kind}); the full check runs "
+            "SiT-XL/2 and needs a GPU (--smoke runs its tiny version on any device)"
         )
     jax.config.update("jax_enable_compilation_cache", False)  # compile times, not cache reads
     console.print(f"devices: {devices}", highlight=False)

@@ -51,6 +51,12 @@ def test_a_spent_budget_skips_every_measurement_and_says_so(capsys):
     assert "device check (smoke: tiny models)" in out and "devices: [" in out
 
 
+def test_the_full_check_refuses_a_machine_without_a_gpu():
+    check = _load()
+    with pytest.raises(SystemExit, match=r"no GPU here .* \(--smoke runs its tiny version"):
+        check.main([])
+
+
 @pytest.mark.slow
 def test_the_smoke_check_runs_every_measurement(tmp_path):
     """The shell command, as on the GPU machine (about 2 minutes on 2 busy cores)."""
