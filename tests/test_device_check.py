@@ -39,8 +39,9 @@ def test_the_peak_table_knows_the_gpus_and_says_when_it_measures():
     assert check.bf16_peak(Device("NVIDIA H100 80GB HBM3"), 8)[0] == 989.0
     assert check.bf16_peak(Device("NVIDIA H100 PCIe"), 8)[0] == 756.0
     assert check.bf16_peak(Device("NVIDIA A100-SXM4-80GB"), 8)[0] == 312.0
-    tflops, source = check.bf16_peak(Device("cpu"), 64, reps=2)
-    assert tflops > 0 and source.startswith("measured")
+    for kind in ("cpu", "NVIDIA H100 NVL"):
+        tflops, source = check.bf16_peak(Device(kind), 64, reps=2)
+        assert tflops > 0 and source.startswith("measured")
 
 
 def test_a_spent_budget_skips_every_measurement_and_says_so(capsys):
