@@ -28,10 +28,6 @@ from collections.abc import MutableMapping, Sequence
 GPU_FLAGS: tuple[str, ...] = ("--xla_gpu_enable_latency_hiding_scheduler=true",)
 
 
-class XlaFlagsNotAppliedWarning(UserWarning):
-    """`configure_xla_gpu` came too late: a JAX backend had already read `XLA_FLAGS`."""
-
-
 def flag_name(flag: str) -> str:
     """`--xla_foo=bar` -> `--xla_foo` (a bare `--xla_foo` is its own name)."""
     return flag.split("=", 1)[0]
@@ -54,7 +50,7 @@ def configure_xla_gpu(
     keeps the user's value). Returns the flags appended: none on a second call.
 
     Once a JAX backend has started, XLA has read its flags and a change would have no effect:
-    then nothing is changed, and an `XlaFlagsNotAppliedWarning` says so."""
+    then nothing is changed, and a `RuntimeWarning` says so."""
     environ = os.environ if environ is None else environ
     present = {flag_name(f) for f in environ.get("XLA_FLAGS", "").split()}
     missing = tuple(f for f in flags if flag_name(f) not in present)
@@ -64,7 +60,7 @@ def configure_xla_gpu(
         warnings.warn(
             f"XLA flags not applied ({' '.join(missing)}): a JAX backend already started in "
             "this process; set XLA_FLAGS before JAX starts",
-            XlaFlagsNotAppliedWarning,
+            RuntimeWarning,
             stacklevel=2,
         )
         return ()
