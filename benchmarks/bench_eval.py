@@ -144,9 +144,12 @@ def bench_inception(npz: Path, folder: Path, num: int, batch_size: int, repeats:
     )
 
 
-def bench_dinov2(npz: Path, folder: Path, num: int, batch_size: int, repeats: int) -> dict:
+def bench_dinov2(
+    npz: Path, folder: Path, num: int, batch_size: int, repeats: int, config: dict = DINOV2_L
+) -> dict:
+    """`config`: the DINOv2's architecture (transformers' `Dinov2Config` fields)."""
     torch.manual_seed(0)
-    reference = Dinov2Model(Dinov2Config(**DINOV2_L)).eval()
+    reference = Dinov2Model(Dinov2Config(**config)).eval()
     with torch.no_grad():  # off its init (layer scale 1, zero biases), as trained weights are
         for param in reference.parameters():
             param.add_(0.02 * torch.randn_like(param))
