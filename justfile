@@ -39,3 +39,7 @@ study-mnist *ARGS:
 # Per-step cost of each alignment method (vanilla, REPA, iREPA, HASTE, REG, dispersive) vs REPA.
 bench-methods *ARGS:
     python benchmarks/bench_methods.py {{ARGS}}
+
+# Evaluation throughput: Inception and DINOv2 feature extraction of a sample .npz, ours vs PyTorch.
+bench-eval *ARGS:
+    python benchmarks/bench_eval.py {{ARGS}}

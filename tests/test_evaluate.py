@@ -21,10 +21,10 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    from test_inception import FIDInception, _images, _randomised, _to_torch01
+    from test_inception import _images, _to_torch01, torch_fid
 
     torch.manual_seed(0)
-    model = _randomised(FIDInception(), _to_torch01(_images(4, 64, seed=2)))
+    model = torch_fid.randomised(torch_fid.FIDInception(), _to_torch01(_images(4, 64, seed=2)))
     path = tmp_path_factory.mktemp("inception") / "pt_inception-2015-12-05-6726825d.pth"
     torch.save(model.state_dict(), path)
     return path

@@ -95,6 +95,13 @@ class ConvBN(eqx.Module):
 
     def __call__(self, x: Float[Array, "H W in"]) -> Float[Array, "h w out"]:
         ph, pw = self.padding
+        if self.weight.shape[2:] == (1, 1) and self.stride == 1 and self.padding == (0, 0):
+            # A 1x1 conv is a matmul over the channels: XLA:CPU runs it about twice as fast
+            # as a matmul as it does as a conv (40 of the 94 convs here), and it is the same sum.
+            y = jnp.einsum(
+                "hwi,oi->hwo", x, self.weight[:, :, 0, 0], precision=jax.lax.Precision.HIGHEST
+            )
+            return jax.nn.relu(y + self.bias[None, None, :])
         y = jax.lax.conv_general_dilated(
             x[None],
             self.weight,
