@@ -70,9 +70,9 @@ def _check_bf16_against_float32(shape, layered, tol=0.03):
     q, k, v, w = _inputs(*shape, jnp.bfloat16, seed=sum(shape))
     got_val, got = _value_and_grads(multihead_attention, layered, q, k, v, w)
     want_val, want = _value_and_grads(_reference, layered, q, k, v, w)
-    out = jax.vmap(multihead_attention)(q, k, v)
+    out = jax.jit(jax.vmap(multihead_attention))(q, k, v)
     assert out.dtype == jnp.bfloat16
-    assert _rel_err(out, jax.vmap(_reference)(q, k, v)) < tol, shape
+    assert _rel_err(out, jax.jit(jax.vmap(_reference))(q, k, v)) < tol, shape
     for g, ref in zip(got, want, strict=True):
         assert g.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(g, np.float32)))
         # Each product rounds its operands to bf16 once: ~0.5 % of the scale (measured
