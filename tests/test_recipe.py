@@ -61,7 +61,10 @@ def test_vanilla_twins_differ_only_by_repa():
         ({"optim": {"lr": "fast"}}, "recipe key 'optim.lr' must be float, got str 'fast'"),
         ({"train": {"steps": 1.5}}, "recipe key 'train.steps' must be int"),
         ({"train": {"steps": True}}, "recipe key 'train.steps' must be int"),
-        ({"train": {"precision": "fp16"}}, "recipe key 'train.precision' must be 'fp32' or 'bf16'"),
+        (
+            {"train": {"precision": "fp16"}},
+            "recipe key 'train.precision' must be 'fp32' or 'bf16' or 'auto'",
+        ),
         (
             {"train": {"remat": "some"}},
             "recipe key 'train.remat' must be 'none' or 'dots' or 'full'",

@@ -1,4 +1,25 @@
-"""Small building blocks shared by the ported and trained networks."""
+"""Small building blocks shared by the ported and trained networks.
+
+Attention (`multihead_attention`): which implementation runs is decided at trace time, from
+the backend (`jax.default_backend()`) and the dtype (`attention_implementation`):
+
+- GPU: `jax.nn.dot_product_attention`, with cuDNN's fused kernel for bf16/f16 on GPUs of
+  compute capability 8.0 or more and head dims it takes (multiples of 8 up to 128), else its
+  XLA implementation, the same products as the einsums below (tested on CPU to agree).
+- CPU, bf16, at least 8 tokens and a head dim of 8 or more: `_lowp_attention`, a custom VJP
+  whose six products all take bf16 operands with float32 accumulation, each in the one form
+  XLA:CPU's native kernel (YNNPACK) accepts: batch (head) axes leading, the left operand
+  contracted over its last axis, row-major operands, no matrix-vector products. XLA hands
+  every other form to its generic dot, which cannot multiply bf16 x bf16 into float32
+  ("Unsupported element type for DotThunk::Execute"). Keeping the probabilities keys-first,
+  (heads, keys, queries), makes the softmax gradient and all four backward products such
+  forms without transposing a tokens x tokens matrix: only (tokens, head dim) operands are.
+- Otherwise (float32 off GPU, other dtypes, tiny shapes): two einsums, logits and softmax in
+  float32. Float32 on CPU is exactly this path, so its numbers are unchanged.
+
+HASTE's logits (`SiTBlock.attend(logits=True)`) are computed beside the attention by the
+logits einsum, whichever path runs.
+"""
 
 import equinox as eqx
 import jax
@@ -153,12 +174,106 @@ def layer_norm(
     return y.astype(x.dtype)
 
 
+# The native kernel refuses matrix-vector products and tiny ones; below these sizes the
+# einsum path runs (bf16 products in float32 there cost nothing that matters).
+_LOWP_MIN_TOKENS = 8
+_LOWP_MIN_HEAD_DIM = 8
+
+
+def _per_head(a: Array, b: Array, contract_b: int) -> Array:
+    """Per head (axis 0): a (heads, M, K) times b, contracted over a's last axis and b's axis
+    `contract_b` (1: b is (heads, K, N); 2: b is (heads, N, K)); float32 result."""
+    dims = (((2,), (contract_b,)), ((0,), (0,)))
+    return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+def _lowp_probabilities(q: Array, k: Array) -> Array:
+    """softmax(q.k / sqrt(d)) in float32, keys first: (heads, keys, queries)."""
+    logits_t = _per_head(k.transpose(1, 0, 2), q.transpose(1, 0, 2), 2)
+    return jax.nn.softmax(logits_t * q.shape[-1] ** -0.5, axis=1)
+
+
+@jax.custom_vjp
+def _lowp_attention(q: Array, k: Array, v: Array) -> Array:
+    """Softmax attention for bf16 q, k, v (tokens, heads, hd) on CPU (see above)."""
+    return _lowp_attention_fwd(q, k, v)[0]
+
+
+def _lowp_attention_fwd(q, k, v):
+    p_t = _lowp_probabilities(q, k)
+    # out^T (heads, hd, queries) = v^T (hd, keys) @ p^T (keys, queries)
+    out_t = _per_head(v.transpose(1, 2, 0), p_t.astype(v.dtype), 1)
+    return out_t.transpose(2, 0, 1).astype(v.dtype), (q, k, v, p_t)
+
+
+def _lowp_attention_bwd(residuals, g):
+    q, k, v, p_t = residuals
+    dtype = v.dtype
+    g_t = g.astype(dtype).transpose(1, 2, 0)  # (heads, hd, queries)
+    # dv (heads, keys, hd) = p^T (keys, queries) @ g (queries, hd), g read as (hd, queries)
+    dv = _per_head(p_t.astype(dtype), g_t, 2)
+    # dp^T (heads, keys, queries) = v (keys, hd) @ g^T (hd, queries)
+    dp_t = _per_head(v.transpose(1, 0, 2), g_t, 1)
+    # The softmax's gradient in float32, the sum over keys (axis 1); then the logits' scale.
+    ds_t = p_t * (dp_t - jnp.sum(p_t * dp_t, axis=1, keepdims=True)) * q.shape[-1] ** -0.5
+    ds_t = ds_t.astype(dtype)
+    # dq^T (heads, hd, queries) = k^T (hd, keys) @ ds^T (keys, queries)
+    dq_t = _per_head(k.transpose(1, 2, 0), ds_t, 1)
+    # dk (heads, keys, hd) = ds^T (keys, queries) @ q (queries, hd)
+    dk = _per_head(ds_t, q.transpose(1, 0, 2), 1)
+    return (
+        dq_t.transpose(2, 0, 1).astype(dtype),
+        dk.transpose(1, 0, 2).astype(dtype),
+        dv.transpose(1, 0, 2).astype(dtype),
+    )
+
+
+_lowp_attention.defvjp(_lowp_attention_fwd, _lowp_attention_bwd)
+
+
+def attention_implementation(dtype, tokens: int, head_dim: int, backend: str | None = None) -> str:
+    """Which attention `multihead_attention` runs: "cudnn" or "xla" (GPU, through
+    `jax.nn.dot_product_attention`), "lowp" (bf16 on CPU) or "einsum". `backend`: default
+    `jax.default_backend()`."""
+    backend = jax.default_backend() if backend is None else backend
+    dtype = jnp.dtype(dtype)
+    if backend in ("gpu", "cuda"):
+        fused = dtype in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128
+        return "cudnn" if fused and _cudnn_capable() else "xla"
+    if (
+        backend == "cpu"
+        and dtype == jnp.bfloat16
+        and tokens >= _LOWP_MIN_TOKENS
+        and head_dim >= _LOWP_MIN_HEAD_DIM
+    ):
+        return "lowp"
+    return "einsum"
+
+
+def _cudnn_capable() -> bool:
+    """The first GPU is an NVIDIA one of compute capability 8.0 or more (cuDNN's fused
+    attention)."""
+    device = jax.devices()[0]
+    try:
+        major = int(str(getattr(device, "compute_capability", "")).split(".")[0])
+    except ValueError:
+        return False
+    return major >= 8
+
+
 def multihead_attention(
     q: Float[Array, "tokens heads hd"],
     k: Float[Array, "tokens heads hd"],
     v: Float[Array, "tokens heads hd"],
 ) -> Float[Array, "tokens heads hd"]:
-    """Softmax attention, logits and softmax in float32."""
+    """Softmax attention, logits and softmax in float32 (the implementation by backend and
+    dtype: `attention_implementation`)."""
+    tokens, _, head_dim = q.shape
+    implementation = attention_implementation(q.dtype, tokens, head_dim)
+    if implementation in ("cudnn", "xla"):
+        return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+    if implementation == "lowp":
+        return _lowp_attention(q, k, v)
     scale = q.shape[-1] ** -0.5
     logits = jnp.einsum("qhd,khd->hqk", q, k, preferred_element_type=jnp.float32) * scale
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)

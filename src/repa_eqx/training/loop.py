@@ -43,6 +43,7 @@ from .parallel import (
     replicated,
     state_shardings,
 )
+from .precision import resolve_precision
 from .recipe import (
     EncoderSpec,
     Recipe,
@@ -402,6 +403,12 @@ def train(
 
     console = console or Console(stderr=True)
     lead = jax.process_index() == 0  # writes logs, plots and grids; every process checkpoints
+    # "auto" becomes what this hardware runs best; the run records (and a resume compares)
+    # the resolved value.
+    precision, why = resolve_precision(recipe.train.precision)
+    recipe = dataclasses.replace(
+        recipe, train=dataclasses.replace(recipe.train, precision=precision)
+    )
     with storage_errors(recipe.output.dir):
         run_dir, changed = _prepare_run_dir(recipe, resume=resume)
     mesh = make_mesh(recipe.mesh.data, recipe.mesh.fsdp)
@@ -412,6 +419,7 @@ def train(
             took_over = lock.acquire()
         if took_over:
             console.print(f"[yellow]{run_dir}: {took_over}")
+    console.print(f"precision: {precision} ({why})")
     try:
         return _train(recipe, run_dir, mesh, changed, lead, resume, progress, stop_after, console)
     finally:

@@ -156,7 +156,9 @@ class DataSpec:
 class TrainSpec:
     steps: int = 400_000
     seed: int = 0
-    precision: Literal["fp32", "bf16"] = "fp32"
+    # "auto": bf16 where the hardware multiplies bf16 natively, else fp32 (training.precision);
+    # a run records the resolved value.
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"
     # What the SiT blocks keep for the backward pass: "dots" (matmul outputs; the rest is
     # recomputed, faster where memory traffic dominates), "none" (everything), "full" (only
     # block inputs: the least memory). The same numbers whichever; see model.sit.REMAT_POLICIES.

@@ -23,6 +23,7 @@ from ..model.repa import REPAModel
 from ..model.sit import SiTConfig
 from ..spaces import SDVAELatents
 from .objective import Terms, ddpm_objective, repa_objective
+from .precision import resolve_precision
 from .recipe import Recipe
 
 
@@ -65,7 +66,7 @@ class StepConfig:
     weighting: str
     proj_coeff: float
     ema_decay: float
-    precision: str
+    precision: str  # "fp32", "bf16" or "auto" (training.precision)
     # imagenet-latents: z = (mean + std * eps) * latent_scale, sampled in the step.
     latent_scale: float = 0.18215
     objective: str = "interpolant"  # or "ddpm" (recipe key loss.objective)
@@ -104,7 +105,8 @@ def make_train_step(
     (a tuple, one array per encoder, precomputed) or `image` (uint8, for the frozen encoders
     in-step). `shardings` = (state, batch, replicated) places everything on a mesh.
     """
-    compute_dtype = jnp.bfloat16 if step_cfg.precision == "bf16" else jnp.float32
+    precision, _ = resolve_precision(step_cfg.precision)  # "auto": what the hardware runs best
+    compute_dtype = jnp.bfloat16 if precision == "bf16" else jnp.float32
     objective = step_cfg.objective_fn()
     terms = step_cfg.terms
     latents = SDVAELatents(scale=step_cfg.latent_scale)
