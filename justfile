@@ -34,3 +34,7 @@ study-mnist *ARGS:
 # Per-step cost of each alignment method (vanilla, REPA, iREPA, HASTE, REG, dispersive) vs REPA.
 bench-methods *ARGS:
     python benchmarks/bench_methods.py {{ARGS}}
+
+# Sampling speed against the reference's loop in PyTorch (same weights and noise), one run.
+bench-sample *ARGS:
+    python benchmarks/bench_sample.py {{ARGS}}

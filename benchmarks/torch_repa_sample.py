@@ -83,12 +83,16 @@ def sit_from_reference_state(
         z_dim=z_dim,
         projector_dim=projector_dim,
     )
-    tensors = {
-        _rename(k): torch.from_numpy(np.array(v, np.float32))
-        for k, v in state.items()
-        if k != "pos_embed"
-    }
-    sit.load_state_dict(tensors, strict=True)
+    params = sit.state_dict()
+    names = {_rename(k): k for k in state if k != "pos_embed"}
+    if set(names) != set(params):
+        raise KeyError(
+            f"state dict does not fit: missing {sorted(set(params) - set(names))}, "
+            f"unexpected {sorted(names[k] for k in set(names) - set(params))}"
+        )
+    with torch.no_grad():
+        for ours, theirs in names.items():  # one tensor at a time: SiT-XL/2 is 2.7 GB
+            params[ours].copy_(torch.from_numpy(np.array(state[theirs], np.float32)))
     return sit.eval().requires_grad_(False)
 
 
