@@ -31,6 +31,7 @@ from ..diffusion.ddpm import Schedule, ddim_sample, ddpm_sample
 from ..diffusion.interpolants import PathType
 from ..diffusion.samplers import ode_sample, sde_sample
 from ..model.sit import SiT
+from ..nn.layers import lay_out_for_lowp
 from ..spaces import Pixels, Space
 
 CARD_KEY = "card"  # the .npz entry that says how the samples were made (JSON)
@@ -105,8 +106,17 @@ def sample(
             "(DDPM objective, learned variance), 'ode' and 'sde' a SiT (interpolant objective)"
         )
 
+    # A bf16 model's block weights laid out for its products once here, not at every step
+    # (`nn.layers.lay_out_for_lowp`; a no-op in float32). No hidden state is asked
+    # (`depths=()`): the blocks run as one scan over the stacked weights as they are, where
+    # stopping at `encoder_depth` would copy them into two slices at every step. The outputs
+    # join the state in its dtype: a float32 state integrates a bf16 model's velocities in
+    # float32.
+    sit = lay_out_for_lowp(sit)
+
     def network(x, t, y):  # SiT: the velocity; DiT: the noise and the variance
-        return jax.vmap(lambda x, t, y: sit(x, t, y)[0])(x, t, y)
+        output = jax.vmap(lambda x, t, y: sit.forward(x, t, y, depths=()).output)(x, t, y)
+        return output.astype(x.dtype)
 
     common = dict(cfg_scale=spec.cfg_scale, interval=spec.interval, null_label=sit.null_label)
     if sit.config.cls_dim:  # REG: the image and the CLS token, integrated jointly
@@ -121,8 +131,8 @@ def sample(
 
         def network(state, t, y):
             def one(x, cls, t, y):
-                out = sit.forward(x, t, y, cls=cls)
-                return out.output, out.cls
+                out = sit.forward(x, t, y, cls=cls, depths=())
+                return out.output.astype(x.dtype), out.cls.astype(cls.dtype)
 
             return jax.vmap(one)(*state, t, y)
 
