@@ -22,11 +22,11 @@ with random weights): what bf16 costs in accuracy. "vs ref" is the max absolute 
 our samples from the reference's in the same precision.
 
 Random weights: xavier as initialised, and the layers the reference initialises to zero
-(adaLN, final layer) drawn N(0, 0.02^2), so the network is not the identity. Timings: the
-median of `--repeats` runs after one untimed run (ours: that run compiles; "compile s" is its
-lowering and compilation). Ours is compiled once per shape: the run fails if a timed call
-compiles again. NFE counts one model call per example; a guided step's doubled batch counts
-twice.
+(adaLN, final layer) drawn N(0, 0.02^2), so the network is not the identity. "compile s":
+lowering and compiling our sampler. Timings: the median of `--repeats` runs after one untimed
+run of each; the timed runs alternate ours and the reference's, so a change of the machine's
+load hits both. Ours is compiled once per shape: the run fails if a timed call compiles
+again. NFE counts one model call per example; a guided step's doubled batch counts twice.
 """
 
 import argparse
@@ -94,34 +94,19 @@ def cast(sit: SiT, precision: str) -> SiT:
     return jax.tree.map(lambda a: a.astype(dtype) if eqx.is_inexact_array(a) else a, sit)
 
 
-def time_calls(fn, repeats: int) -> tuple[float, list[float], object]:
-    """(seconds of the untimed first call, timed seconds, last output)."""
-    start = time.perf_counter()
-    out = jax.block_until_ready(fn())
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return first, times, out
-
-
-def bench_ours(sit: SiT, spec: SamplerSpec, inputs, repeats: int) -> dict:
+def ours_runner(sit: SiT, spec: SamplerSpec, inputs) -> tuple[float, object]:
+    """(compile seconds, a call of the compiled sampler). Called through `sample_jit` itself,
+    as generate() calls it: its cache must hold the one program (checked by the caller)."""
     noise, labels, keys = inputs
     start = time.perf_counter()
-    compiled = sample_jit.lower(sit, spec, noise, labels, keys).compile()
+    sample_jit.lower(sit, spec, noise, labels, keys).compile()
     compile_s = time.perf_counter() - start
-    before = _compiles
-    # Through sample_jit itself, as generate() calls it: its cache must hold the one program.
-    _, times, out = time_calls(lambda: sample_jit(sit, spec, noise, labels, keys), repeats)
-    del compiled
-    if _compiles - before > 1:  # the first call may compile once (jit's own cache)
-        raise RuntimeError(f"sample_jit compiled {_compiles - before} times for one shape")
-    return {"compile_s": compile_s, "times": times, "samples": np.asarray(out, np.float32)}
+    return compile_s, lambda: sample_jit(sit, spec, noise, labels, keys)
 
 
-def bench_reference(torch_sit, spec: SamplerSpec, precision: str, inputs, repeats: int) -> dict:
+def reference_runner(torch_sit, spec: SamplerSpec, precision: str, inputs):
+    """A call of the reference's loop on the same noise (and, for the SDE, our per-step
+    noise, drawn here before timing where the reference draws randn_like per step)."""
     import torch
     import torch_repa_sample as ref  # beside this script, so on sys.path
 
@@ -135,16 +120,22 @@ def bench_reference(torch_sit, spec: SamplerSpec, precision: str, inputs, repeat
         guidance_high=spec.interval[1],
     )
     if spec.mode == "ode":
-        run = lambda: ref.euler_sampler(model, x, y, **common)  # noqa: E731
-    else:  # our per-step noise, drawn before timing (the reference draws randn_like per step)
-        eps = [
-            torch.from_numpy(np.array(step_noise(keys, i, noise))) for i in range(spec.num_steps)
-        ]
-        run = lambda: ref.euler_maruyama_sampler(  # noqa: E731
-            model, x, y, noise=lambda i, _: eps[i], **common
-        )
-    _, times, out = time_calls(run, repeats)
-    return {"times": times, "samples": out.float().numpy()}
+        return lambda: ref.euler_sampler(model, x, y, **common)
+    eps = [torch.from_numpy(np.array(step_noise(keys, i, noise))) for i in range(spec.num_steps)]
+    return lambda: ref.euler_maruyama_sampler(model, x, y, noise=lambda i, _: eps[i], **common)
+
+
+def time_interleaved(runners: dict, repeats: int) -> tuple[dict, dict]:
+    """One untimed call of each, then `repeats` rounds timing each in turn (so a change of the
+    machine's load hits both sides alike). Returns (seconds per runner, last outputs)."""
+    outputs = {name: jax.block_until_ready(run()) for name, run in runners.items()}
+    times = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            outputs[name] = jax.block_until_ready(run())
+            times[name].append(time.perf_counter() - start)
+    return times, outputs
 
 
 def reference_sit(repa: REPAModel):
@@ -252,9 +243,18 @@ def main() -> None:
         for spec in specs:
             fp32_samples = None
             for precision in precisions:
-                log.print(f"SiT-{model} {spec.name} {precision}: ours")
-                ours = bench_ours(cast(sit, precision), spec, (noise, labels, keys), args.repeats)
-                s = statistics.median(ours["times"])
+                log.print(f"SiT-{model} {spec.name} {precision}: compiling ours")
+                inputs = (noise, labels, keys)
+                compile_s, runners = ours_runner(cast(sit, precision), spec, inputs)
+                runners = {"ours": runners}
+                if args.torch:
+                    runners["ref"] = reference_runner(torch_sit, spec, precision, inputs)
+                log.print(f"  compiled in {compile_s:.1f} s; timing {' and '.join(runners)}")
+                before = _compiles
+                times, outputs = time_interleaved(runners, args.repeats)
+                if _compiles - before > 1:  # the first call may compile once (jit's cache)
+                    raise RuntimeError(f"sample_jit compiled {_compiles - before} times")
+                samples = np.asarray(outputs["ours"], np.float32)
                 row = {
                     "model": f"SiT-{model}",
                     "mode": spec.mode,
@@ -263,26 +263,23 @@ def main() -> None:
                     "steps": spec.num_steps,
                     "batch": args.batch,
                     "nfe": nfe_per_example(spec),
-                    "compile_s": ours["compile_s"],
-                    "times_s": ours["times"],
-                    "images_per_s": args.batch / s,
+                    "compile_s": compile_s,
+                    "times_s": times["ours"],
+                    "images_per_s": args.batch / statistics.median(times["ours"]),
                 }
                 if precision == "fp32":
-                    fp32_samples = ours["samples"]
+                    fp32_samples = samples
                 elif fp32_samples is not None:
-                    dev = np.abs(ours["samples"] - fp32_samples)
+                    dev = np.abs(samples - fp32_samples)
                     row["bf16_dev_max"], row["bf16_dev_mean"] = float(dev.max()), float(dev.mean())
-                log.print(f"  {row['images_per_s']:.4f} img/s")
+                log.print(f"  ours {row['images_per_s']:.4f} img/s")
                 if args.torch:
-                    log.print(f"SiT-{model} {spec.name} {precision}: reference (PyTorch)")
-                    theirs = bench_reference(
-                        torch_sit, spec, precision, (noise, labels, keys), args.repeats
-                    )
-                    row["ref_times_s"] = theirs["times"]
-                    row["ref_images_per_s"] = args.batch / statistics.median(theirs["times"])
+                    row["ref_times_s"] = times["ref"]
+                    row["ref_images_per_s"] = args.batch / statistics.median(times["ref"])
                     row["ratio"] = row["images_per_s"] / row["ref_images_per_s"]
-                    row["vs_ref_max"] = float(np.abs(ours["samples"] - theirs["samples"]).max())
-                    log.print(f"  {row['ref_images_per_s']:.4f} img/s")
+                    theirs = outputs["ref"].float().numpy()
+                    row["vs_ref_max"] = float(np.abs(samples - theirs).max())
+                    log.print(f"  reference {row['ref_images_per_s']:.4f} img/s")
                 rows.append(row)
                 print(json.dumps(rows[-1]), flush=True)  # partial results survive a timeout
         del sit, torch_sit
@@ -295,7 +292,8 @@ def main() -> None:
     )
     console.print(results_table(rows, args.torch, title))
     console.print(
-        f"img/s: batch / median of {args.repeats} timed run(s) after one untimed. ours/ref: "
+        f"img/s: batch / median of {args.repeats} timed run(s) after one untimed, ours and the "
+        "reference's alternating. ours/ref: "
         "ours img/s over the reference's (benchmarks/torch_repa_sample.py, eager PyTorch, "
         f"{torch_info or 'not run'}), same weights, noise and SDE step noise. vs ref max: "
         "max |ours - reference| of the samples. bf16 dev: max / mean |ours bf16 - ours fp32| "
