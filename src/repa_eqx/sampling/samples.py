@@ -30,7 +30,7 @@ from ..core.images import save_grid
 from ..diffusion.ddpm import Schedule, ddim_sample, ddpm_sample
 from ..diffusion.interpolants import PathType
 from ..diffusion.samplers import ode_sample, sde_sample
-from ..model.sit import SiT
+from ..model.sit import SiT, unstack_blocks
 from ..nn.layers import lay_out_for_lowp
 from ..spaces import Pixels, Space
 
@@ -106,12 +106,13 @@ def sample(
             "(DDPM objective, learned variance), 'ode' and 'sde' a SiT (interpolant objective)"
         )
 
-    # A bf16 model's block weights laid out for its products once here, not at every step
-    # (`nn.layers.lay_out_for_lowp`; a no-op in float32). No hidden state is asked
-    # (`depths=()`): the blocks run as one scan over the stacked weights as they are, where
-    # stopping at `encoder_depth` would copy them into two slices at every step. The outputs
-    # join the state in its dtype: a float32 state integrates a bf16 model's velocities in
-    # float32.
+    # The blocks run unrolled, each from its own weight arrays (`unstack_blocks`: split once
+    # here, not copied out of the stack at every step), bf16 ones laid out for their products
+    # once (`nn.layers.lay_out_for_lowp`; a no-op in float32). No hidden state is asked
+    # (`depths=()`). The outputs join the state in its dtype: a float32 state integrates a
+    # bf16 model's velocities in float32.
+    if not isinstance(sit.blocks, tuple):
+        sit = eqx.tree_at(lambda s: s.blocks, sit, unstack_blocks(sit.blocks))
     sit = lay_out_for_lowp(sit)
 
     def network(x, t, y):  # SiT: the velocity; DiT: the noise and the variance
