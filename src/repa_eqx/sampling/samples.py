@@ -262,6 +262,8 @@ def generate(
     batch_size = math.ceil(batch_size / len(devices)) * len(devices)
     mesh = Mesh(np.array(devices), ("data",))
     data = NamedSharding(mesh, P("data"))
+    # Split the block stack once for every batch (sample() would split it at every call).
+    sit = eqx.tree_at(lambda s: s.blocks, sit, unstack_blocks(sit.blocks))
     sit = eqx.filter_shard(sit, NamedSharding(mesh, P()))
     cfg = sit.config
     shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
