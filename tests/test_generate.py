@@ -75,11 +75,13 @@ def test_bf16_model_integrates_in_the_states_float32():
     bf16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16) if eqx.is_inexact_array(a) else a, sit)
     noise, keys = example_inputs(0, jnp.arange(3), (1, 8, 8))
     labels = jnp.array([1, 2, 3], jnp.int32)
-    for spec in (SamplerSpec("ode", 5, cfg_scale=1.8, interval=(0.0, 0.7)), SamplerSpec("sde", 5)):
-        exact = sample_jit(sit, spec, noise, labels, keys)
-        low = sample_jit(bf16, spec, noise, labels, keys)
-        assert low.dtype == jnp.float32
-        assert 0 < float(jnp.abs(low - exact).max()) < 0.1 < float(jnp.abs(exact - noise).mean())
+    spec = SamplerSpec("ode", 4, cfg_scale=1.8, interval=(0.0, 0.7))
+    exact = sample_jit(sit, spec, noise, labels, keys)
+    low = sample_jit(bf16, spec, noise, labels, keys)
+    assert low.dtype == jnp.float32
+    assert 0 < float(jnp.abs(low - exact).max()) < 0.1 < float(jnp.abs(exact - noise).mean())
+    # The SDE's last step too (outside its loops): float32 out.
+    assert sample_jit(bf16, SamplerSpec("sde", 3), noise, labels, keys).dtype == jnp.float32
 
 
 def test_generate_compiles_once_for_every_batch(caplog):
