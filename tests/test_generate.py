@@ -64,6 +64,7 @@ def test_same_seed_same_images_whatever_the_batch_size(spec):
     assert np.abs(runs[0].astype(int) - other_seed.astype(int)).mean() > 5
 
 
+@pytest.mark.slow  # about 20 s on 2 loaded cores: three sampler compilations
 def test_bf16_model_integrates_in_the_states_float32():
     """A bf16 SiT samples a float32 state in float32 (its velocities cast up), close to the
     float32 model's samples."""
