@@ -43,3 +43,7 @@ bench-methods *ARGS:
 # Evaluation throughput: Inception and DINOv2 feature extraction of a sample .npz, ours vs PyTorch.
 bench-eval *ARGS:
     python benchmarks/bench_eval.py {{ARGS}}
+
+# Sampling speed against the reference's loop in PyTorch (same weights and noise), one run.
+bench-sample *ARGS:
+    python benchmarks/bench_sample.py {{ARGS}}

@@ -122,7 +122,8 @@ class REPASiT(nn.Module):
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor):
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, project: bool = True):
+        """(velocity, projected hidden state); `project=False` skips the projector (None)."""
         n, c, size, _ = x.shape
         p, g = self.patch_size, size // self.patch_size
         tokens = self.patch(x).flatten(2).transpose(1, 2) + self.pos_embed
@@ -133,7 +134,7 @@ class REPASiT(nn.Module):
         for i, block in enumerate(self.blocks, start=1):
             tokens = block(tokens, cond)
             if i == self.encoder_depth:
-                projected = self.projector(tokens)
+                projected = self.projector(tokens) if project else None
         shift, scale = self.final_adaln(F.silu(cond)).chunk(2, -1)
         hidden = tokens.shape[-1]
         out = self.final_linear(modulate(F.layer_norm(tokens, (hidden,), eps=1e-6), shift, scale))

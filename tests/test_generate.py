@@ -64,6 +64,46 @@ def test_same_seed_same_images_whatever_the_batch_size(spec):
     assert np.abs(runs[0].astype(int) - other_seed.astype(int)).mean() > 5
 
 
+@pytest.mark.slow  # about 20 s on 2 loaded cores: three sampler compilations
+def test_bf16_model_integrates_in_the_states_float32():
+    """A bf16 SiT samples a float32 state in float32 (its velocities cast up), close to the
+    float32 model's samples."""
+    import jax.numpy as jnp
+
+    from repa_eqx.sampling.samples import example_inputs, sample_jit
+
+    sit = random_sit()
+    bf16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16) if eqx.is_inexact_array(a) else a, sit)
+    noise, keys = example_inputs(0, jnp.arange(3), (1, 8, 8))
+    labels = jnp.array([1, 2, 3], jnp.int32)
+    spec = SamplerSpec("ode", 4, cfg_scale=1.8, interval=(0.0, 0.7))
+    exact = sample_jit(sit, spec, noise, labels, keys)
+    low = sample_jit(bf16, spec, noise, labels, keys)
+    assert low.dtype == jnp.float32
+    assert 0 < float(jnp.abs(low - exact).max()) < 0.1 < float(jnp.abs(exact - noise).mean())
+    # The SDE's last step too (outside its loops): float32 out.
+    assert sample_jit(bf16, SamplerSpec("sde", 3), noise, labels, keys).dtype == jnp.float32
+
+
+def test_generate_compiles_once_for_every_batch(caplog):
+    """Once one batch shape is compiled, more batches of it, and a short last batch (padded),
+    compile no sampler again: it is not retraced per batch."""
+    sit = random_sit(seed=5)
+    spec = SamplerSpec("ode", 3, cfg_scale=1.5, interval=(0.0, 0.5))
+
+    def sampler_compiles(num: int) -> list[str]:
+        caplog.clear()
+        with jax.log_compiles(True), caplog.at_level("WARNING"):
+            generate(
+                sit, spec, num=num, labels=choose_labels(num, 10), batch_size=3, progress=False
+            )
+        return [r.getMessage() for r in caplog.records if "jit(sample)" in r.getMessage()]
+
+    assert sampler_compiles(3)  # the first batch of 3 compiles it: the log is seen
+    assert sampler_compiles(9) == []  # three full batches
+    assert sampler_compiles(8) == []  # two full and one of 2, padded to 3
+
+
 def test_labels():
     balanced = choose_labels(30, 10, balanced=True)
     assert np.bincount(balanced, minlength=10).tolist() == [3] * 10

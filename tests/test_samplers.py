@@ -8,6 +8,7 @@ import pytest
 
 from repa_eqx.diffusion.interpolants import coefficients
 from repa_eqx.diffusion.samplers import (
+    guided_runs,
     guided_steps,
     linspace,
     ode_sample,
@@ -59,6 +60,21 @@ def test_linspace_is_torch_linspace_bit_for_bit():
     # NumPy differs, and across a guidance edge it matters: torch's grid has 0.7 at step 15
     # of 50 exactly as the reference compares it.
     assert (np.linspace(1.0, 0.04, 250) != linspace(1.0, 0.04, 250)).any()
+
+
+def test_guided_runs_split_the_steps_where_guidance_changes():
+    assert guided_runs(np.array([False, False, True, True, True, False])) == [
+        (0, 2, False),
+        (2, 5, True),
+        (5, 6, False),
+    ]
+    assert guided_runs(np.array([True])) == [(0, 1, True)]
+    assert guided_runs(np.array([], bool)) == []
+    # The ODE-50 grid with CFG on [0, 0.7]: 15 unguided steps, then 35 guided (t = 0.7 included).
+    assert guided_runs(guided_steps(ode_times(50)[:-1], 1.8, (0.0, 0.7))) == [
+        (0, 15, False),
+        (15, 50, True),
+    ]
 
 
 def test_time_grids():

@@ -658,3 +658,29 @@ def test_unknown_remat_is_refused():
     x, t, y = _inputs(cfg, 1)
     with pytest.raises(ValueError, match="unknown remat 'some'.*'dots'"):
         model(x[0], t[0], y[0], remat="some")
+
+
+def test_unstacked_blocks_run_the_same_network():
+    """A SiT whose blocks are a tuple of single blocks (`unstack_blocks`, the sampler's
+    unrolled loop) computes what the stacked scan computes: output, hidden states, logits."""
+    from repa_eqx.model.sit import unstack_blocks
+
+    config = SiTConfig(
+        input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=3, num_heads=2,
+        num_classes=5, encoder_depth=2,
+    )  # fmt: skip
+    sit = SiT(config, key=jax.random.key(0))
+    leaves, tree = jax.tree.flatten(sit)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    sit = jax.tree.unflatten(
+        tree, [a + 0.1 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys, strict=True)]
+    )
+    unrolled = eqx.tree_at(lambda s: s.blocks, sit, unstack_blocks(sit.blocks))
+    assert len(unrolled.blocks) == 3
+    x = jax.random.normal(jax.random.key(2), (3, 8, 8))
+    t, y = jnp.asarray(0.3), jnp.asarray(4)
+    forward = eqx.filter_jit(lambda s: s.forward(x, t, y, depths=(1, 2), attention=(2,)))
+    a, b = forward(sit), forward(unrolled)
+    assert float(jnp.abs(a.output).mean()) > 0.01
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6)

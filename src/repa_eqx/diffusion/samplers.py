@@ -7,7 +7,10 @@ SDE is Euler-Maruyama on linspace(1, 0.04, num_steps) then 0, with diffusion w(t
 final deterministic step. Guidance `u + w (c - u)` applies on all channels, to v (ODE) or to
 the drift (SDE), at the grid times t with low <= t <= high only; elsewhere one conditional
 call. The time grid and the guided steps are fixed on the host in float64, exactly as the
-reference compares them; the loop is one `lax.scan`, compiled once.
+reference compares them. Since the guided steps are known on the host, the loop is one
+`lax.scan` per run of equally guided steps (with [low, high] an interval, at most three): a
+guided run calls the model on the doubled batch at every step, an unguided one on the batch,
+with no branch inside the loop. Compiled once per shape.
 
 The state may be a pytree of arrays that share the batch axis: REG integrates the image and
 its CLS token jointly, `field((x, cls), t, y) -> (v, v_cls)`, each leaf with its own guidance
@@ -104,13 +107,14 @@ def guided_call(
     x: State,
     t: Float[Array, ""],
     y: Int[Array, " batch"],
-    guided: Bool[Array, ""] | None,
+    guided: Bool[Array, ""] | bool | None,
     cfg_scale: Scale,
     null_label: int,
     guided_channels: int | None = None,
 ) -> State:
     """`field` at (x, t, y), guided when `guided` is true: the conditional and null-label
-    halves in one batched call of twice the size, else one conditional call. With
+    halves in one batched call of twice the size, else one conditional call. A Python bool
+    (or None: unguided) decides while tracing; an array, at run time (`lax.cond`). With
     `guided_channels`, only the first that many channels (axis 1) are guided; the rest are
     the conditional output's (DiT: the noise is guided, the variance is not). A tuple
     `cfg_scale` gives each leaf of the state its own scale (<= 0: the conditional output)."""
@@ -140,9 +144,28 @@ def guided_call(
             tree, [mix(a[:n], a[n:], scale) for a, scale in zip(leaves, scales, strict=True)]
         )
 
-    if guided is None:
-        return plain()
+    if guided is None or isinstance(guided, bool):
+        return cfg() if guided else plain()
     return jax.lax.cond(guided, cfg, plain)
+
+
+def guided_runs(guided: np.ndarray) -> list[tuple[int, int, bool]]:
+    """The steps as runs of equal guidance: (first step, end, guided), in order."""
+    runs, start = [], 0
+    for i in range(1, len(guided) + 1):
+        if i == len(guided) or guided[i] != guided[start]:
+            runs.append((start, i, bool(guided[start])))
+            start = i
+    return runs
+
+
+def _scan_runs(step, x: State, guided: np.ndarray, *inputs: np.ndarray, dtype) -> State:
+    """`step(g)(x, (i, *inputs[i]))` over every step, one `lax.scan` per run of equal
+    guidance `g` (a Python bool)."""
+    for start, end, g in guided_runs(guided):
+        xs = (jnp.arange(start, end), *(jnp.asarray(a[start:end], dtype) for a in inputs))
+        x = jax.lax.scan(step(g), x, xs)[0]
+    return x
 
 
 def _axpy(x: State, a, d: State) -> State:
@@ -171,31 +194,26 @@ def ode_sample(
         raise ConfigError(f"solver must be 'euler' or 'heun', got {solver!r}")
     times = ode_times(num_steps)
     guided = guided_steps(times[:-1], cfg_scale, interval)
-    any_guided = bool(guided.any())
     _, dtype = _batch(noise)
 
-    def step(x, inputs):
-        i, t, t_next, g = inputs
-        g = g if any_guided else None
-        dt = t_next - t
-        d = guided_call(velocity, x, t, labels, g, cfg_scale, null_label)
-        x_euler = _axpy(x, dt, d)
-        if solver == "euler":
-            return x_euler, None
+    def step(g: bool):
+        def run(x, inputs):
+            i, t, t_next = inputs
+            dt = t_next - t
+            d = guided_call(velocity, x, t, labels, g, cfg_scale, null_label)
+            x_euler = _axpy(x, dt, d)
+            if solver == "euler":
+                return x_euler, None
 
-        def correct():
-            d_next = guided_call(velocity, x_euler, t_next, labels, g, cfg_scale, null_label)
-            return _axpy(x, dt, jax.tree.map(lambda a, b: 0.5 * a + 0.5 * b, d, d_next))
+            def correct():
+                d_next = guided_call(velocity, x_euler, t_next, labels, g, cfg_scale, null_label)
+                return _axpy(x, dt, jax.tree.map(lambda a, b: 0.5 * a + 0.5 * b, d, d_next))
 
-        return jax.lax.cond(i < num_steps - 1, correct, lambda: x_euler), None
+            return jax.lax.cond(i < num_steps - 1, correct, lambda: x_euler), None
 
-    inputs = (
-        jnp.arange(num_steps),
-        jnp.asarray(times[:-1], dtype),
-        jnp.asarray(times[1:], dtype),
-        jnp.asarray(guided),
-    )
-    return jax.lax.scan(step, noise, inputs)[0]
+        return run
+
+    return _scan_runs(step, noise, guided, times[:-1], times[1:], dtype=dtype)
 
 
 def score_from_velocity(
@@ -264,27 +282,27 @@ def sde_sample(
         raise ConfigError(f"keys must hold one key per example: {keys.shape} vs {(n,)}")
     times = sde_times(num_steps)
     guided = guided_steps(times[:-1], cfg_scale, interval)
-    any_guided = bool(guided.any())
     drift = sde_drift(velocity, path)
 
-    def step(x, inputs):
-        i, t, t_next, g = inputs
-        dt = t_next - t
-        d = guided_call(drift, x, t, labels, g if any_guided else None, cfg_scale, null_label)
-        eps = step_noise(keys, i, x)
-        # x += d dt + sqrt(w) sqrt(|dt|) eps, with w = 2t
-        return jax.tree.map(
-            lambda x, d, e: x + d * dt + jnp.sqrt(2 * t) * jnp.sqrt(jnp.abs(dt)) * e, x, d, eps
-        ), None
+    def step(g: bool):
+        def run(x, inputs):
+            i, t, t_next = inputs
+            dt = t_next - t
+            d = guided_call(drift, x, t, labels, g, cfg_scale, null_label)
+            eps = step_noise(keys, i, x)
+            # x += d dt + sqrt(w) sqrt(|dt|) eps, with w = 2t
+            return jax.tree.map(
+                lambda x, d, e: x + d * dt + jnp.sqrt(2 * t) * jnp.sqrt(jnp.abs(dt)) * e,
+                x,
+                d,
+                eps,
+            ), None
 
-    inputs = (
-        jnp.arange(num_steps - 1),
-        jnp.asarray(times[:-2], dtype),
-        jnp.asarray(times[1:-1], dtype),
-        jnp.asarray(guided[:-1]),
-    )
-    x = jax.lax.scan(step, noise, inputs)[0]
+        return run
+
+    x = _scan_runs(step, noise, guided[:-1], times[:-2], times[1:-1], dtype=dtype)
     t, t_next = times[-2], times[-1]
-    g = jnp.asarray(guided[-1]) if any_guided else None
-    d = guided_call(drift, x, jnp.asarray(t, dtype), labels, g, cfg_scale, null_label)
+    d = guided_call(
+        drift, x, jnp.asarray(t, dtype), labels, bool(guided[-1]), cfg_scale, null_label
+    )
     return _axpy(x, t_next - t, d)

@@ -188,8 +188,17 @@ REMAT_POLICIES = {
 }
 
 
-def _run_blocks(blocks: SiTBlock, x, c, remat: str = "none", logits: bool = False):
-    """The blocks in one scan; with `logits`, also each block's attention logits (stacked)."""
+def _run_blocks(blocks, x, c, remat: str = "none", logits: bool = False):
+    """The blocks in one scan; with `logits`, also each block's attention logits (stacked).
+    A tuple of single blocks (`unstack_blocks`) runs as a Python loop instead."""
+    if remat not in REMAT_POLICIES:
+        raise ConfigError(f"unknown remat {remat!r}: choose from {sorted(REMAT_POLICIES)}")
+    if isinstance(blocks, tuple):
+        stacked = []
+        for b in lay_out_for_lowp(blocks):
+            x, lg = b.attend(x, c, logits=logits)
+            stacked.append(lg)
+        return (x, jnp.stack(stacked)) if logits else x
     # bf16 weights also travel laid out (in, out) for the forward products: transposed once
     # here, outside the scan (a no-op in float32).
     params, static = eqx.partition(lay_out_for_lowp(blocks), eqx.is_array)
@@ -197,8 +206,6 @@ def _run_blocks(blocks: SiTBlock, x, c, remat: str = "none", logits: bool = Fals
     def block(x, block_params, c):
         return eqx.combine(block_params, static).attend(x, c, logits=logits)
 
-    if remat not in REMAT_POLICIES:
-        raise ConfigError(f"unknown remat {remat!r}: choose from {sorted(REMAT_POLICIES)}")
     if remat != "none":
         block = jax.checkpoint(block, policy=REMAT_POLICIES[remat])
 
@@ -209,9 +216,22 @@ def _run_blocks(blocks: SiTBlock, x, c, remat: str = "none", logits: bool = Fals
     return (x, stacked) if logits else x
 
 
-def slice_blocks(blocks: SiTBlock, start: int, stop: int) -> SiTBlock:
-    """Blocks start..stop-1 of a stacked block pytree."""
+def slice_blocks(blocks, start: int, stop: int):
+    """Blocks start..stop-1 of a stacked block pytree (or of a tuple of single blocks)."""
+    if isinstance(blocks, tuple):
+        return blocks[start:stop]
     return jax.tree.map(lambda a: a[start:stop] if eqx.is_array(a) else a, blocks)
+
+
+def unstack_blocks(blocks: SiTBlock) -> tuple[SiTBlock, ...]:
+    """The stacked blocks as a tuple of single blocks. A SiT holding them runs its blocks as an
+    unrolled Python loop: each block reads its own weight arrays, where the scan over the
+    stack copies every layer's slice of it at every call (XLA:CPU materialises the dynamic
+    slice). For inference, where the forward runs at every sampler step."""
+    depth = jax.tree.leaves(blocks)[0].shape[0]
+    return tuple(
+        jax.tree.map(lambda a, i=i: a[i] if eqx.is_array(a) else a, blocks) for i in range(depth)
+    )
 
 
 class SiTOutputs(NamedTuple):

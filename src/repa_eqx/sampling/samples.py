@@ -30,7 +30,8 @@ from ..core.images import save_grid
 from ..diffusion.ddpm import Schedule, ddim_sample, ddpm_sample
 from ..diffusion.interpolants import PathType
 from ..diffusion.samplers import ode_sample, sde_sample
-from ..model.sit import SiT
+from ..model.sit import SiT, unstack_blocks
+from ..nn.layers import lay_out_for_lowp
 from ..spaces import Pixels, Space
 
 CARD_KEY = "card"  # the .npz entry that says how the samples were made (JSON)
@@ -105,8 +106,18 @@ def sample(
             "(DDPM objective, learned variance), 'ode' and 'sde' a SiT (interpolant objective)"
         )
 
+    # The blocks run unrolled, each from its own weight arrays (`unstack_blocks`: split once
+    # here, not copied out of the stack at every step), bf16 ones laid out for their products
+    # once (`nn.layers.lay_out_for_lowp`; a no-op in float32). No hidden state is asked
+    # (`depths=()`). The outputs join the state in its dtype: a float32 state integrates a
+    # bf16 model's velocities in float32.
+    if not isinstance(sit.blocks, tuple):
+        sit = eqx.tree_at(lambda s: s.blocks, sit, unstack_blocks(sit.blocks))
+    sit = lay_out_for_lowp(sit)
+
     def network(x, t, y):  # SiT: the velocity; DiT: the noise and the variance
-        return jax.vmap(lambda x, t, y: sit(x, t, y)[0])(x, t, y)
+        output = jax.vmap(lambda x, t, y: sit.forward(x, t, y, depths=()).output)(x, t, y)
+        return output.astype(x.dtype)
 
     common = dict(cfg_scale=spec.cfg_scale, interval=spec.interval, null_label=sit.null_label)
     if sit.config.cls_dim:  # REG: the image and the CLS token, integrated jointly
@@ -121,8 +132,8 @@ def sample(
 
         def network(state, t, y):
             def one(x, cls, t, y):
-                out = sit.forward(x, t, y, cls=cls)
-                return out.output, out.cls
+                out = sit.forward(x, t, y, cls=cls, depths=())
+                return out.output.astype(x.dtype), out.cls.astype(cls.dtype)
 
             return jax.vmap(one)(*state, t, y)
 
@@ -251,6 +262,8 @@ def generate(
     batch_size = math.ceil(batch_size / len(devices)) * len(devices)
     mesh = Mesh(np.array(devices), ("data",))
     data = NamedSharding(mesh, P("data"))
+    # Split the block stack once for every batch (sample() would split it at every call).
+    sit = eqx.tree_at(lambda s: s.blocks, sit, unstack_blocks(sit.blocks))
     sit = eqx.filter_shard(sit, NamedSharding(mesh, P()))
     cfg = sit.config
     shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
