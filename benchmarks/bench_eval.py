@@ -49,6 +49,7 @@ from rich.table import Table
 from torch_fid_inception import FIDInception, randomised  # beside this script, on sys.path
 from transformers import Dinov2Config, Dinov2Model
 
+from repa_eqx.core.xla_flags import configure_xla_gpu
 from repa_eqx.evaluation import fd_dinov2
 from repa_eqx.evaluation.adm import load_samples
 from repa_eqx.pretrained.dinov2 import cls_features
@@ -212,6 +213,7 @@ def main() -> None:
     )
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args()
+    configure_xla_gpu()  # before JAX starts its backend
     networks = [n.strip() for n in args.networks.split(",") if n.strip()]
     if unknown := set(networks) - {"inception", "dinov2"}:
         parser.error(f"unknown networks {sorted(unknown)}: choose from inception, dinov2")

@@ -46,6 +46,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from repa_eqx.core.xla_flags import configure_xla_gpu
 from repa_eqx.diffusion.samplers import guided_steps, ode_times, sde_times, step_noise
 from repa_eqx.model.repa import REPAModel
 from repa_eqx.model.sit import SiT, SiTConfig
@@ -208,6 +209,7 @@ def main() -> None:
         help="also time the reference's loop in PyTorch (default: on when torch is importable)",
     )
     args = parser.parse_args()
+    configure_xla_gpu()  # before JAX starts its backend
     models = [m.removeprefix("SiT-") for m in parse_list(args.models)]
     modes, precisions = parse_list(args.modes), parse_list(args.precisions)
     if unknown := set(modes) - set(MODES):
