@@ -212,6 +212,25 @@ def test_sample_command(trained_run, tmp_path, monkeypatch):
         assert npz["labels"].tolist() == [0, 1, 2]
 
 
+def test_sample_command_in_bf16(trained_run, tmp_path):
+    """`--precision bf16`: bf16 weights, float32 state; the samples are close to the fp32 ones
+    (not equal), the folder and the card say bf16."""
+    import json
+
+    common = ["sample", "--ckpt", str(trained_run), "--num", "4", "--steps", "3", "--cfg", "1.8"]
+    common += ["--interval", "0,0.7", "--no-png", "--no-progress"]
+    fp32 = runner.invoke(app, [*common, "--out", str(tmp_path / "fp32")])
+    assert fp32.exit_code == 0, fp32.output
+    bf16 = runner.invoke(app, [*common, "--precision", "bf16"])
+    assert bf16.exit_code == 0, bf16.output
+    npz = trained_run / "samples" / "ode-euler-3-cfg1.8-0_0.7-seed0-n4-bf16.npz"
+    with np.load(tmp_path / "fp32.npz") as a, np.load(npz) as b:
+        diff = np.abs(a["arr_0"].astype(int) - b["arr_0"].astype(int))
+        card = json.loads(str(b["card"]))
+    assert 0 < diff.mean() < 4 and diff.max() <= 64, (diff.mean(), diff.max())
+    assert card["precision"] == "bf16"
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -219,6 +238,7 @@ def test_sample_command(trained_run, tmp_path, monkeypatch):
         (["--cfg", "0.5"], "cfg_scale must be >= 1"),
         (["--interval", "0.9,0.1"], "guidance interval must satisfy"),
         (["--mode", "langevin"], "mode must be 'ode' or 'sde'"),
+        (["--precision", "fp16"], "precision must be one of fp32, bf16"),
     ],
 )
 @pytest.mark.unchecked

@@ -91,6 +91,13 @@ def sample(
             help="REG models: guidance scale of the CLS token (default: --cfg; 0: unguided)"
         ),
     ] = None,
+    precision: Annotated[
+        str,
+        typer.Option(
+            help="Network weights in fp32 or bf16 (bf16: faster where the hardware multiplies "
+            "bf16 natively; the state is integrated in float32)"
+        ),
+    ] = "fp32",
     num: Annotated[int, typer.Option(help="Number of images")] = 64,
     classes: Annotated[
         str | None, typer.Option(help="Class ids to cycle through, e.g. 1,207,360")
@@ -134,6 +141,7 @@ def sample(
             interval=low_high,
             cfg_channels=cfg_channels,
             cls_cfg=cls_cfg,
+            precision=precision,
             num=num,
             classes=wanted,
             class_balanced=class_balanced,

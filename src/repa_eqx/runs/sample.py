@@ -6,6 +6,10 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
 from ..core.errors import ConfigError
 from ..core.version import version
 from ..pretrained import load_vae
@@ -47,6 +51,9 @@ def find_model(
     return load_for_sampling(ckpt or latest_run(runs_dir), official_args=official)
 
 
+SAMPLE_PRECISIONS = ("fp32", "bf16")
+
+
 def default_steps(mode: str) -> int:
     return 250 if mode in ("sde", "ddpm") else 50
 
@@ -61,6 +68,7 @@ def sample_model(
     interval: tuple[float, float] = (0.0, 1.0),
     cfg_channels: int | None = None,
     cls_cfg: float | None = None,
+    precision: str = "fp32",
     num: int = 64,
     classes: Sequence[int] | None = None,
     class_balanced: bool = False,
@@ -78,7 +86,14 @@ def sample_model(
     `mode` defaults to the model's ("ode" for a SiT, "ddpm" for a DiT) and `steps` to 50
     (ODE, DDIM) or 250 (SDE, DDPM). Latent-space models are decoded with `vae`. The output
     folder defaults to RUN/samples/SETTINGS, or samples/NAME-SETTINGS in the working
-    directory for a checkpoint file or a Hub model (`from_hub` names it)."""
+    directory for a checkpoint file or a Hub model (`from_hub` names it).
+
+    `precision` "bf16" runs the network on bf16 copies of the weights (the sampler's state and
+    the integration stay float32). In `just bench-sample` on this project's CPU (AMX), bf16
+    SiT-B/2 and XL/2 samples came 1.6-2.7x faster than fp32 and differed from them by at most
+    0.02-0.05 (mean 0.005-0.009) in latent units. The folder name and the card say so."""
+    if precision not in SAMPLE_PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(SAMPLE_PRECISIONS)}: {precision!r}")
     mode = mode or model.default_mode
     spec = SamplerSpec(
         mode,
@@ -96,7 +111,7 @@ def sample_model(
         num, model.sit.config.num_classes, seed=seed, classes=classes, balanced=class_balanced
     )
     space = SDVAELatents(load_vae(vae)) if model.latent else Pixels()
-    name = f"{spec.name}-seed{seed}-n{num}"
+    name = f"{spec.name}-seed{seed}-n{num}" + ("" if precision == "fp32" else f"-{precision}")
     if out is not None:
         folder = Path(out)
     elif from_hub is not None:  # not inside the Hub cache
@@ -117,14 +132,18 @@ def sample_model(
             "objective": model.objective,
         },
         "sampler": dataclasses.asdict(spec),
+        "precision": precision,
         "labels": label_rule,
         "num": num,
         "seed": seed,
         "decoder": vae if model.latent else "pixels",
         "repa_eqx": version(),
     }
+    sit = model.sit
+    if precision == "bf16":
+        sit = jax.tree.map(lambda a: a.astype(jnp.bfloat16) if eqx.is_inexact_array(a) else a, sit)
     samples = generate(
-        model.sit,
+        sit,
         spec,
         num=num,
         labels=labels,
