@@ -419,15 +419,16 @@ def train(
             took_over = lock.acquire()
         if took_over:
             console.print(f"[yellow]{run_dir}: {took_over}")
-    console.print(f"precision: {precision} ({why})")
     try:
-        return _train(recipe, run_dir, mesh, changed, lead, resume, progress, stop_after, console)
+        return _train(
+            recipe, run_dir, mesh, changed, lead, resume, progress, stop_after, console, why
+        )
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(recipe, run_dir, mesh, changed, lead, resume, progress, stop_after, console):
+def _train(recipe, run_dir, mesh, changed, lead, resume, progress, stop_after, console, why):
     if lead:
         (run_dir / "recipe.toml").write_text(dump_recipe(recipe))
 
@@ -500,6 +501,8 @@ def _train(recipe, run_dir, mesh, changed, lead, resume, progress, stop_after, c
         checkpointer.close()
         return TrainResult(run_dir, start, {})
     console.print(describe(mesh, recipe.data.batch_size))
+    # Printed with the devices, once the inputs are read (a bad input stays a one-line error).
+    console.print(f"precision: {recipe.train.precision} ({why})")
 
     metrics_log = MetricsLog(
         run_dir,
