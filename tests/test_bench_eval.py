@@ -27,6 +27,7 @@ def _check_row(row: dict, repeats: int) -> None:
     assert rates["ours"] == pytest.approx(3 / min(row["seconds"]["ours"]))
 
 
+@pytest.mark.slow  # about 20 s: a benchmark harness check (parity itself: test_inception.py)
 def test_inception_matches_pytorch_fid(tmp_path):
     npz = bench.write_samples(tmp_path, 3, seed=0)
     row = bench.bench_inception(npz, tmp_path, 3, batch_size=2, repeats=1)
@@ -34,6 +35,7 @@ def test_inception_matches_pytorch_fid(tmp_path):
     _check_row(row, 1)
 
 
+@pytest.mark.slow  # a benchmark harness check (parity itself: test_dinov2.py)
 def test_dinov2_matches_transformers(tmp_path):
     npz = bench.write_samples(tmp_path, 3, seed=1)
     row = bench.bench_dinov2(npz, tmp_path, 3, batch_size=2, repeats=2, config=TINY_DINOV2)
