@@ -46,7 +46,7 @@ def jax_step(model: str, force_einsum: bool):
 
 def torch_step(model: str):
     import torch
-    from torch_repa_step import REPASiT, REPAStep
+    from torch_repa_step import REPASiT, REPAStep, architecture
 
     from repa_eqx.training.recipe import Recipe
 
@@ -54,14 +54,7 @@ def torch_step(model: str):
     optim = Recipe().optim
     torch.manual_seed(0)
     sit = REPASiT(
-        depth=c.depth,
-        hidden_size=c.hidden_size,
-        num_heads=c.num_heads,
-        encoder_depth=c.encoder_depth,
-        input_size=c.input_size,
-        patch_size=c.patch_size,
-        in_channels=c.in_channels,
-        num_classes=c.num_classes,
+        **architecture(c),
         mlp_ratio=c.mlp_ratio,
         class_dropout_prob=c.class_dropout_prob,
         z_dim=768,

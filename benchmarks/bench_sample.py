@@ -146,14 +146,7 @@ def reference_sit(repa: REPAModel):
     c = repa.sit.config
     return ref.sit_from_reference_state(
         official_state_dict(repa),
-        depth=c.depth,
-        hidden_size=c.hidden_size,
-        num_heads=c.num_heads,
-        encoder_depth=c.encoder_depth,
-        input_size=c.input_size,
-        patch_size=c.patch_size,
-        in_channels=c.in_channels,
-        num_classes=c.num_classes,
+        **ref.architecture(c),
         z_dim=Z_DIM,
         projector_dim=PROJECTOR_DIM,
     )

@@ -227,20 +227,13 @@ def bench_one(
 def bench_torch(model: str, precision: str, batch_size: int, steps: int, warmup: int) -> dict:
     """The same step in eager PyTorch, timed the same way on the same batch."""
     import torch
-    from torch_repa_step import REPASiT, REPAStep  # beside this script, so on sys.path
+    from torch_repa_step import REPASiT, REPAStep, architecture  # beside this script
 
     c = imagenet_config(model)
     step_cfg, optim = step_config(precision), Recipe().optim
     torch.manual_seed(0)
     sit = REPASiT(
-        depth=c.depth,
-        hidden_size=c.hidden_size,
-        num_heads=c.num_heads,
-        encoder_depth=c.encoder_depth,
-        input_size=c.input_size,
-        patch_size=c.patch_size,
-        in_channels=c.in_channels,
-        num_classes=c.num_classes,
+        **architecture(c),
         mlp_ratio=c.mlp_ratio,
         class_dropout_prob=c.class_dropout_prob,
         z_dim=TARGET_DIM,

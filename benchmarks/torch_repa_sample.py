@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
-from torch_repa_step import REPASiT
+from torch_repa_step import REPASiT, architecture  # noqa: F401 (re-exported for the bench and tests)
 
 # Reference state-dict names -> REPASiT's (prefix renames; the rest of a name is kept).
 _RENAMES = (

@@ -20,6 +20,13 @@ from torch import nn
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
 
+def architecture(config) -> dict:
+    """The SiT's shape arguments of `REPASiT` from one of our `SiTConfig`s."""
+    names = ("depth", "hidden_size", "num_heads", "encoder_depth", "input_size", "patch_size")
+    names += ("in_channels", "num_classes")
+    return {name: getattr(config, name) for name in names}
+
+
 def sincos_pos_embed_2d(dim: int, grid: int) -> np.ndarray:
     """MAE 2-D sin-cos table (grid*grid, dim): first half column index, second half row."""
 

@@ -50,14 +50,7 @@ def models():
     c = config
     theirs = ref.sit_from_reference_state(
         official_state_dict(ours),
-        depth=c.depth,
-        hidden_size=c.hidden_size,
-        num_heads=c.num_heads,
-        encoder_depth=c.encoder_depth,
-        input_size=c.input_size,
-        patch_size=c.patch_size,
-        in_channels=c.in_channels,
-        num_classes=c.num_classes,
+        **ref.architecture(c),
         z_dim=z_dims[0],
         projector_dim=projector_dim,
     )
