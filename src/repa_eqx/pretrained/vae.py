@@ -26,6 +26,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from ..core.errors import ConfigError
 from ..nn.layers import multihead_attention
+from . import ldm_vae
 from ._convert import HubConfig, Port, Target, fill
 
 SCALING_FACTOR = 0.18215  # SD's latent scale: brings the latents to about unit variance
@@ -563,12 +564,19 @@ def _current_names(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def from_state_dict(config: VAEConfig, tensors: dict[str, np.ndarray]) -> AutoencoderKL:
-    """An `AutoencoderKL` with every leaf filled from a diffusers state dict."""
+    """An `AutoencoderKL` with every leaf filled from a diffusers state dict, or from a
+    latent-diffusion one (`ldm_vae`: its loss and foundation-model tensors are ignored)."""
     skeleton = jax.eval_shape(lambda: AutoencoderKL(config, key=jr.key(0)))
     what = (
         f"an AutoencoderKL with blocks {list(config.block_out_channels)} of "
         f"{config.layers_per_block} layers"
     )
+    if ldm_vae.is_ldm(tensors):
+        levels = len(config.block_out_channels)
+        renamed = [
+            dataclasses.replace(t, names=ldm_vae.ldm_name(t.names, levels)) for t in targets(config)
+        ]
+        return fill(skeleton, tensors, renamed, what=what, ignored=ldm_vae.not_vae(tensors))
     return fill(skeleton, _current_names(tensors), targets(config), what=what)
 
 
