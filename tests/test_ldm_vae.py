@@ -109,10 +109,16 @@ def test_local_file_with_its_statistics(reference, tmp_path):
     assert located.config["latents_mean"] == pytest.approx(np.linspace(-1, 1, 8))
     config = VAEConfig.from_dict(located.config)
     assert config.latents_std == pytest.approx(np.linspace(0.5, 2, 8))
+    assert config.scaling_factor == 1.0  # the statistics alone normalise
     vae = registry.load_vae(str(path))
     assert vae.config == config
-    out = registry.convert(str(path))
+    result = CliRunner().invoke(app, ["convert", str(path)])
+    assert result.exit_code == 0 and result.output.startswith("sd-vae from "), result.output
+    out = registry.convert(str(path))  # a cache hit
     assert registry.load_converted(out).config == config
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="other.pt: not an LDM autoencoder checkpoint"):
+        registry.load_vae(str(tmp_path / "other.pt"))
 
 
 def _fake_hub(tmp_path: Path, repo: str, files: dict[str, Path]) -> None:

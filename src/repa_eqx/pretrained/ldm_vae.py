@@ -85,7 +85,11 @@ def known(source: str) -> KnownVAE | None:
 def config_dict(
     architecture: LdmArchitecture, stats: tuple[np.ndarray, np.ndarray] | None = None
 ) -> dict[str, Any]:
-    """The diffusers `config.json` of `architecture`, with its latent statistics if given."""
+    """The diffusers `config.json` of `architecture`, with its latent statistics if given.
+
+    With statistics the scaling factor is 1: LightningDiT normalises VA-VAE latents as
+    (z - mean) / std (its `latent_multiplier` 1.0), REPA-E as (z - bias) * scale; without,
+    it is diffusers' default (SD's 0.18215)."""
     levels = len(architecture.ch_mult)
     attention = architecture.attention_levels()
     config = {
@@ -107,6 +111,7 @@ def config_dict(
     }
     if stats is not None:
         config["latents_mean"], config["latents_std"] = (s.tolist() for s in stats)
+        config["scaling_factor"] = 1.0
     return config
 
 
@@ -118,14 +123,15 @@ def architecture_of(tensors: Mapping[str, Any], source: str) -> LdmArchitecture:
             raise ConfigError(f"{source}: not an LDM autoencoder checkpoint (no {name})")
         return tuple(tensors[name].shape)
 
+    def count(pattern: str) -> int:
+        return 1 + max((int(m[1]) for k in tensors if (m := re.match(pattern, k))), default=-1)
+
     ch = shape("encoder.conv_in.weight")[0]
-    levels = 1 + max(int(m[1]) for k in tensors if (m := re.match(r"encoder\.down\.(\d+)\.", k)))
+    levels = count(r"encoder\.down\.(\d+)\.")
     widths = [shape(f"encoder.down.{i}.block.0.conv1.weight")[0] for i in range(levels)]
     if any(w % ch for w in widths):
         raise ConfigError(f"{source}: block widths {widths} are not multiples of {ch}")
-    blocks = 1 + max(
-        int(m[1]) for k in tensors if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k))
-    )
+    blocks = count(r"encoder\.down\.0\.block\.(\d+)\.")
     resolution = 256  # attention levels are named by resolution: any resolution will do
     attn = tuple(
         resolution >> i for i in range(levels) if f"encoder.down.{i}.attn.0.q.weight" in tensors
