@@ -24,8 +24,8 @@ _spec = importlib.util.spec_from_file_location("torch_ldm_vae", _path)
 torch_ldm = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(torch_ldm)
 
-# f16d32's shape in miniature: attention after every resnet of the lowest (8 px) level.
-TINY = ldm_vae.LdmArchitecture(32, (1, 1, 2), 1, 8, (8,), 32)
+# f16d32's shape in miniature: attention after every resnet of the lowest (16 px) level.
+TINY = ldm_vae.LdmArchitecture(32, (1, 2), 1, 8, (16,), 32)
 
 
 @pytest.fixture(autouse=True)
@@ -62,8 +62,8 @@ def _images(size: int = 16) -> np.ndarray:
 
 def test_ldm_names_cover_the_reference_state_dict(reference):
     config = VAEConfig.from_dict(ldm_vae.config_dict(TINY))
-    assert (config.down_attention, config.up_attention) == ((2,), (0,))
-    names = {ldm_vae.ldm_name(t.names, 3) for t in targets(config)}
+    assert (config.down_attention, config.up_attention) == ((1,), (0,))
+    names = {ldm_vae.ldm_name(t.names, 2) for t in targets(config)}
     assert names == set(reference.state_dict())
     inferred = ldm_vae.config_dict(ldm_vae.architecture_of(reference.state_dict(), "ref"))
     assert inferred | {"sample_size": 32} == ldm_vae.config_dict(TINY)
@@ -90,7 +90,7 @@ def test_parity_with_the_ldm_network(reference, tmp_path):
 
 def test_a_missing_or_misshaped_weight_is_named(reference, tmp_path):
     tensors = {k: v.numpy() for k, v in _state(reference).items()}
-    del tensors["decoder.up.2.attn.1.proj_out.bias"]
+    del tensors["decoder.up.1.attn.1.proj_out.bias"]
     tensors["encoder.down.1.block.0.conv1.weight"] = np.zeros((32, 32, 1, 1), np.float32)
     tensors["loss.discriminator.w"] = np.zeros(2, np.float32)  # ignored
     config = VAEConfig.from_dict(ldm_vae.config_dict(TINY))
@@ -98,7 +98,7 @@ def test_a_missing_or_misshaped_weight_is_named(reference, tmp_path):
         from_state_dict(config, tensors)
     message = str(error.value)
     assert "\n" not in message and "loss." not in message
-    assert "missing: decoder.up.2.attn.1.proj_out.bias" in message
+    assert "missing: decoder.up.1.attn.1.proj_out.bias" in message
     assert "wrong shape: encoder.down.1.block.0.conv1.weight (32, 32, 1, 1)" in message
 
 

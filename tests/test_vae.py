@@ -110,12 +110,12 @@ def test_sd_architecture_parity():
 
 # An f16d32-style VAE in miniature: self-attention after every resnet of the lowest level.
 LEVEL_ATTENTION = {
-    "block_out_channels": (32, 32, 64),
+    "block_out_channels": (32, 64),
     "layers_per_block": 1,
     "norm_num_groups": 8,
     "latent_channels": 8,
-    "down_block_types": ("DownEncoderBlock2D", "DownEncoderBlock2D", "AttnDownEncoderBlock2D"),
-    "up_block_types": ("AttnUpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"),
+    "down_block_types": ("DownEncoderBlock2D", "AttnDownEncoderBlock2D"),
+    "up_block_types": ("AttnUpDecoderBlock2D", "UpDecoderBlock2D"),
 }
 
 
@@ -130,12 +130,13 @@ def test_attention_levels_and_published_statistics(tmp_path):
     model.save_pretrained(tmp_path)
     vae = load_vae(str(tmp_path))
     config = vae.config
-    assert (config.down_attention, config.up_attention) == ((2,), (0,))
+    assert (config.down_attention, config.up_attention) == ((1,), (0,))
     assert config.down_block_types == LEVEL_ATTENTION["down_block_types"]
     assert config.up_block_types == LEVEL_ATTENTION["up_block_types"]
     np.testing.assert_allclose(config.latents_mean, mean)
     np.testing.assert_allclose(config.latents_std, std)
-    assert len(vae.encoder.down_blocks[2].attentions) == 1
+    assert len(vae.encoder.down_blocks[1].attentions) == 1
+    assert not vae.encoder.down_blocks[0].attentions and not vae.decoder.up_blocks[1].attentions
     assert len(vae.decoder.up_blocks[0].attentions) == 2
     images = _images(16, batch=1)
     reference = _reference(model, images)
