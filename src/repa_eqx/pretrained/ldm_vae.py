@@ -157,7 +157,7 @@ _RENAMES = [
         for ours, theirs in _ATTENTION.items()
     ),
 ]
-_MID = [
+_OUTSIDE_LEVELS = [
     (re.compile(r"mid_block\.resnets\.0\."), "mid.block_1."),
     (re.compile(r"mid_block\.resnets\.1\."), "mid.block_2."),
     (re.compile(r"mid_block\.attentions\.0\."), "mid.attn_1."),
@@ -171,7 +171,7 @@ _MID = [
 
 def ldm_name(name: str, levels: int) -> str:
     """The LDM name of a diffusers `AutoencoderKL` tensor name (`levels`: its block count)."""
-    for pattern, new in _MID:
+    for pattern, new in _OUTSIDE_LEVELS:
         name = pattern.sub(new, name)
     match = _LEVEL.fullmatch(name)
     if match is None:
