@@ -17,7 +17,14 @@ from typer.testing import CliRunner
 from repa_cli.main import app
 from repa_eqx import WeightsMismatch
 from repa_eqx.pretrained import ldm_vae, registry
-from repa_eqx.pretrained.vae import VAEConfig, decode, encode, from_state_dict, targets
+from repa_eqx.pretrained.vae import (
+    AutoencoderKL,
+    VAEConfig,
+    decode,
+    encode,
+    from_state_dict,
+    targets,
+)
 
 _path = Path(__file__).parents[1] / "benchmarks" / "torch_ldm_vae.py"
 _spec = importlib.util.spec_from_file_location("torch_ldm_vae", _path)
@@ -183,6 +190,22 @@ def test_table_describes_the_published_architectures():
     assert f8d4.block_out_channels == (128, 256, 512, 512)
     assert (f8d4.down_attention, f8d4.up_attention, f8d4.latent_channels) == ((), (), 4)
     assert ldm_vae.known("REPA-E/E2E-VAVAE") is ldm_vae.KNOWN["REPA-E/e2e-vavae"]
+
+
+@pytest.mark.parametrize("architecture", [ldm_vae.F16D32, ldm_vae.F8D4], ids=["f16d32", "f8d4"])
+def test_full_size_names_and_shapes(architecture):
+    """Every tensor of the full-size LDM network (built without memory) has its place in ours,
+    at its shape."""
+    with torch.device("meta"):
+        reference = torch_ldm.AutoencoderKL(*dataclasses.astuple(architecture))
+    theirs = {name: tuple(t.shape) for name, t in reference.state_dict().items()}
+    config = VAEConfig.from_dict(ldm_vae.config_dict(architecture))
+    skeleton = jax.eval_shape(lambda: AutoencoderKL(config, key=jax.random.key(0)))
+    levels = len(architecture.ch_mult)
+    ours = {ldm_vae.ldm_name(t.names, levels): t.where(skeleton).shape for t in targets(config)}
+    assert ours.keys() == theirs.keys()
+    squeezed = {name: tuple(d for d in shape if d != 1) for name, shape in theirs.items()}
+    assert {name: tuple(d for d in shape if d != 1) for name, shape in ours.items()} == squeezed
 
 
 def test_cli_offline_names_the_missing_download(tmp_path, monkeypatch):
