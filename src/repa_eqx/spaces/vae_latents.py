@@ -86,7 +86,7 @@ class LatentNorm:
         return len(self.mean)
 
     def _stats(self, dtype) -> tuple[Array, Array]:
-        shape = (self.channels, 1, 1)
+        shape = (1, self.channels, 1, 1)  # batch c h w
         mean = jnp.asarray(self.mean, jnp.float32).reshape(shape).astype(dtype)
         std = jnp.asarray(self.std, jnp.float32).reshape(shape).astype(dtype)
         return mean, std
