@@ -62,6 +62,33 @@ def test_normalise_then_denormalise_decodes_as_the_raw_latents(vae_folder):
     )
 
 
+def test_matches_lightningdit_and_repa_e_normalisation():
+    """Our transcription in torch of LightningDiT's (img_latent_dataset.py, inference.py) and
+    REPA-E's (train_ldm_only.sample_posterior, utils.denormalize_latents) normalisation, the
+    same posterior noise fed to both."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(1)
+    mean = rng.normal(size=(3, 4, 5, 5)).astype(np.float32)
+    std = rng.uniform(0.1, 1.0, (3, 4, 5, 5)).astype(np.float32)
+    eps = rng.normal(size=mean.shape).astype(np.float32)
+    z = torch.from_numpy(mean) + torch.from_numpy(std) * torch.from_numpy(eps)
+    m = torch.tensor(NORM.mean, dtype=torch.float32).view(1, 4, 1, 1)
+    s = torch.tensor(NORM.std, dtype=torch.float32).view(1, 4, 1, 1)
+    lightning = (z - m) / s * NORM.multiplier
+    repa_e = (z - m) * (1 / s)  # latents_bias = mean, latents_scale = 1 / std
+    ours = NORM.normalise(jnp.asarray(mean + std * eps))
+    plain = dataclasses.replace(NORM, multiplier=1.0)
+    gap = lambda a, b: float(np.abs(np.asarray(a) - b.numpy()).max())
+    diffs = [
+        gap(ours, lightning),
+        gap(plain.normalise(jnp.asarray(z.numpy())), repa_e),
+        gap(NORM.denormalise(ours), (lightning * s) / NORM.multiplier + m),
+        gap(plain.denormalise(jnp.asarray(repa_e.numpy())), repa_e / (1 / s) + m),
+    ]
+    print("max abs diff vs LightningDiT / REPA-E (normalise, denormalise):", diffs)
+    assert max(diffs) < 1e-6, diffs
+
+
 def test_manifest_statistics_are_exact_over_every_shard(dataset):
     """mean_c = E[mu], std_c^2 = Var(mu) + E[sigma^2] over all examples and positions, as
     numpy computes them from the shards (two workers and resumed runs are byte-identical

@@ -636,6 +636,8 @@ def _train(recipe, run_dir, mesh, changed, lead, resume, progress, stop_after, c
     def save(step: int, arrays) -> None:
         if step != saved[-1]:
             meta = {"step": step, "data": batches.state()}
+            if data.latents is not None:  # the latent space and statistics it was trained on
+                meta["latents"] = data.latents
             checkpointer.save(step, eqx.combine(arrays, static_state), meta)
             saved.append(step)
 
