@@ -259,6 +259,13 @@ def test_recipe_mismatches_are_one_line(dataset, vae_folder, tmp_path, data, mes
     )
 
 
+def test_pixel_datasets_take_no_latent_keys():
+    with pytest.raises(RecipeError, match="'mnist-5k' is in pixel space"):
+        parse_recipe({"data": {"dataset": "mnist-5k", "latent_norm": "dataset"}})
+    with pytest.raises(RecipeError, match="'data.latent_multiplier' must be > 0"):
+        parse_recipe({"data": {"path": "x", "latent_norm": "dataset", "latent_multiplier": 0.0}})
+
+
 def test_dataset_norm_needs_the_manifest_statistics(dataset, tmp_path):
     from repa_eqx.training import train
 

@@ -352,6 +352,13 @@ def _check(recipe: Recipe) -> None:
         )
     if recipe.data.dataset == "imagenet-latents" and not recipe.data.path:
         raise RecipeError("recipe key 'data.path' is required for dataset 'imagenet-latents'")
+    if recipe.data.dataset != "imagenet-latents" and (
+        recipe.data.latent_space is not None or recipe.data.latent_norm != "scale"
+    ):
+        raise RecipeError(
+            f"recipe keys 'data.latent_space' and 'data.latent_norm' are for latent datasets "
+            f"('imagenet-latents'); {recipe.data.dataset!r} is in pixel space"
+        )
     if recipe.data.latent_norm == "scale" and recipe.data.latent_multiplier != 1.0:
         raise RecipeError(
             "recipe key 'data.latent_multiplier' applies to data.latent_norm 'dataset' or "
