@@ -22,7 +22,7 @@ from repa_eqx.data.shards import read_manifest
 from repa_eqx.pretrained.registry import load_vae, locate
 from repa_eqx.runs.load import SamplingModel
 from repa_eqx.runs.sample import decoding_space
-from repa_eqx.spaces import LatentNorm, VAELatents, published_norm, space_of
+from repa_eqx.spaces import LatentNorm, VAELatents, default_decoder, published_norm, space_of
 from repa_eqx.training.recipe import RecipeError, parse_recipe, sit_config
 from repa_eqx.training.step import StepConfig, init_state, make_optimizer, make_train_step
 
@@ -171,7 +171,13 @@ def test_published_statistics_are_read_from_the_vae_config(vae_folder, tmp_path)
 def test_sd_vae_encoder_and_decoder_share_a_space(vae_folder, tmp_path):
     assert space_of("stabilityai/sd-vae-ft-mse") == space_of("stabilityai/sd-vae-ft-ema")
     assert space_of("stabilityai/sd-vae-ft-ema") != space_of("REPA-E/e2e-vavae-hf")
-    assert space_of(str(vae_folder)) == space_of(Path(str(vae_folder)) / ".." / vae_folder.name)
+    assert default_decoder("stabilityai/sd-vae-ft-mse") == "stabilityai/sd-vae-ft-ema"
+    assert default_decoder(str(vae_folder)) == str(vae_folder)
+    copy = tmp_path / "copy"
+    shutil.copytree(vae_folder, copy)
+    assert space_of(str(vae_folder)) == space_of(copy) == locate(str(copy)).tag()
+    (copy / "config.json").write_text((copy / "config.json").read_text() + " ")
+    assert space_of(copy) != space_of(str(vae_folder))
 
 
 def _model(in_channels: int, latents: dict | None) -> SamplingModel:
@@ -320,8 +326,10 @@ def test_train_and_sample_on_dataset_normalised_latents(dataset, vae_folder, tmp
     assert config["latents"] == latents and config["vae"] == str(vae_folder)
     assert "normalised channel-wise" in (export / "README.md").read_text()
 
-    other = tmp_path / "other_vae"
+    other = tmp_path / "other_vae"  # the same weights, another config: another VAE
     shutil.copytree(vae_folder, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps(config | {"force_upcast": False}))
     result = runner.invoke(
         app,
         ["sample", "--from-hub", str(export), "--vae", str(other), "--num", "2", "--steps",

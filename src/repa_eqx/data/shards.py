@@ -107,7 +107,15 @@ def verify(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def vae_space(vae: dict[str, Any]) -> str:
+    """The latent space of the VAE a plan or manifest records ({source, revision}): as
+    `spaces.space_of`, a local folder by the hash recorded when it was read."""
+    if str(vae.get("revision") or "").startswith("local-"):
+        return vae["revision"]
+    return space_of(vae["source"])
+
+
 def manifest_space(manifest: dict[str, Any]) -> str:
-    """The latent space of a preprocessed dataset (`spaces.space_of` its VAE; a manifest
-    written before `latent_space` was recorded is told by its VAE's source)."""
-    return manifest.get("latent_space") or space_of(manifest["vae"]["source"])
+    """The latent space of a preprocessed dataset (a manifest written before `latent_space`
+    was recorded: its VAE's)."""
+    return manifest.get("latent_space") or vae_space(manifest["vae"])

@@ -43,7 +43,6 @@ from ..core.progress import progress_bar
 from ..pretrained.registry import load_vae, locate
 from ..pretrained.vae import AutoencoderKL, VAEConfig
 from ..spaces.sd_vae import encode_uint8
-from ..spaces.vae_latents import space_of
 from .shards import (
     ARRAYS,
     FORMAT,
@@ -54,6 +53,7 @@ from .shards import (
     PreprocessError,
     sha256,
     shard_dir,
+    vae_space,
 )
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
@@ -517,7 +517,7 @@ def finalize(out: str | Path) -> dict[str, Any]:
         "num_classes": len(plan["classes"]),
         "classes": plan["classes"],
         "vae": plan["vae"],
-        "latent_space": space_of(plan["vae"]["source"]),
+        "latent_space": vae_space(plan["vae"]),
         "latent_stats": stats,
         "shard_size": plan["shard_size"],
         "shards": shards,

@@ -37,17 +37,19 @@ _SPACE_OF = {vae: space for space, vaes in SHARED_SPACES.items() for vae in vaes
 
 def space_of(vae: str | Path) -> str:
     """The latent space a VAE (Hub id or local folder) encodes to or decodes from: its shared
-    space's name, else the VAE itself (a local folder by its absolute path)."""
+    space's name, else the VAE itself; a local folder by the hash of its files ("local-..."),
+    so that a copy elsewhere is the same space."""
     vae = str(vae)
     if vae in _SPACE_OF:
         return _SPACE_OF[vae]
-    local = Path(vae).expanduser()
-    return str(local.resolve()) if local.is_dir() else vae
+    return locate(vae).tag() if Path(vae).expanduser().is_dir() else vae
 
 
-def default_decoder(space: str) -> str:
-    """The VAE that decodes a space's samples unless told otherwise."""
-    return SHARED_SPACES[space][0] if space in SHARED_SPACES else space
+def default_decoder(encoder: str) -> str:
+    """The VAE that decodes the samples of a space `encoder` encoded to, unless told
+    otherwise: its shared space's first, else the encoder itself."""
+    space = _SPACE_OF.get(str(encoder))
+    return SHARED_SPACES[space][0] if space is not None else str(encoder)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -169,7 +169,7 @@ def _load_data(
         )
     manifest = source.manifest
     space, encoder = manifest_space(manifest), manifest["vae"]["source"]
-    decoder = d.vae or default_decoder(space)
+    decoder = d.vae or default_decoder(encoder)
     if d.latent_space is not None:
         if space_of(d.latent_space) != space:
             raise RecipeError(
@@ -224,7 +224,7 @@ def _with_decoder(recipe: Recipe) -> Recipe:
     d = recipe.data
     if d.dataset != "imagenet-latents" or d.vae is not None:
         return recipe
-    decoder = default_decoder(manifest_space(read_manifest(d.path)))
+    decoder = default_decoder(read_manifest(d.path)["vae"]["source"])
     return dataclasses.replace(recipe, data=dataclasses.replace(d, vae=decoder))
 
 
