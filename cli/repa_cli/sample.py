@@ -112,8 +112,12 @@ def sample(
         typer.Option(help="Output folder (default: RUN/samples/SETTINGS); the .npz goes beside"),
     ] = None,
     vae: Annotated[
-        str, typer.Option(help="SD-VAE that decodes latent-space models")
-    ] = "stabilityai/sd-vae-ft-ema",
+        str | None,
+        typer.Option(
+            help="VAE that decodes latent-space models (default: the run's decoder, else "
+            "stabilityai/sd-vae-ft-ema); it must decode the run's latent space"
+        ),
+    ] = None,
     png: Annotated[bool, typer.Option(help="Write one PNG per image")] = True,
     runs_dir: Annotated[Path, typer.Option(help="Where training runs live")] = Path("runs"),
     progress: Annotated[bool, typer.Option(help="Show the progress bar")] = True,

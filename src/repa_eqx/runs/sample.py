@@ -14,11 +14,11 @@ from ..core.errors import ConfigError
 from ..core.version import version
 from ..pretrained import load_vae
 from ..sampling.samples import SamplerSpec, Samples, choose_labels, generate
-from ..spaces import Pixels, SDVAELatents
+from ..spaces import LatentNorm, Pixels, SDVAELatents, Space, VAELatents, space_of
 from .export import NotAnExport, from_pretrained
 from .load import DEFAULT_RUNS_DIR, SamplingModel, download_official, latest_run, load_for_sampling
 
-DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"  # decodes latent samples, as the reference does
+DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"  # decodes SD-VAE latent samples, as REPA does
 
 
 @dataclasses.dataclass
@@ -54,6 +54,38 @@ def find_model(
 SAMPLE_PRECISIONS = ("fp32", "bf16")
 
 
+def decoding_space(model: SamplingModel, vae: str | None = None) -> tuple[Space, str]:
+    """(the space that decodes the model's samples, its decoder's name): `vae`, else the
+    decoder the run recorded (else sd-vae-ft-ema); the run's normalisation is undone first.
+    A `vae` of another latent space than the run's, or with another channel count than the
+    model's input, is refused."""
+    if not model.latent:
+        return Pixels(), "pixels"
+    latents = model.latents
+    if latents is None:  # SD-VAE latents scaled by the VAE's scaling_factor
+        decoder = vae or DEFAULT_VAE
+    else:
+        decoder = vae or latents["decoder"]
+        if space_of(decoder) != latents["space"]:
+            raise ConfigError(
+                f"--vae {decoder!r} decodes latent space {space_of(decoder)!r}, but "
+                f"{model.source} was trained on {latents['space']!r} (latents of "
+                f"{latents['encoder']!r}); leave --vae out to decode with {latents['decoder']!r}"
+            )
+    loaded = load_vae(decoder)
+    channels = model.sit.config.in_channels
+    if loaded.config.latent_channels != channels:
+        raise ConfigError(
+            f"--vae {decoder!r} decodes {loaded.config.latent_channels}-channel latents, but "
+            f"{model.source} samples {channels} channels"
+        )
+    if latents is None or latents["stats"] is None:
+        return SDVAELatents(loaded), decoder
+    stats = latents["stats"]
+    norm = LatentNorm.from_arrays(stats["source"], stats["mean"], stats["std"], stats["multiplier"])
+    return VAELatents(norm, loaded), decoder
+
+
 def default_steps(mode: str) -> int:
     return 250 if mode in ("sde", "ddpm") else 50
 
@@ -75,7 +107,7 @@ def sample_model(
     seed: int = 0,
     batch: int = 64,
     out: str | Path | None = None,
-    vae: str = DEFAULT_VAE,
+    vae: str | None = None,
     png: bool = True,
     from_hub: str | None = None,
     progress: bool = True,
@@ -84,7 +116,8 @@ def sample_model(
     """`num` samples of `model` written as PNGs, a grid and an ADM `.npz`.
 
     `mode` defaults to the model's ("ode" for a SiT, "ddpm" for a DiT) and `steps` to 50
-    (ODE, DDIM) or 250 (SDE, DDPM). Latent-space models are decoded with `vae`. The output
+    (ODE, DDIM) or 250 (SDE, DDPM). Latent-space models are decoded with `vae` (default: the
+    run's decoder; see `decoding_space`), their normalisation undone first. The output
     folder defaults to RUN/samples/SETTINGS, or samples/NAME-SETTINGS in the working
     directory for a checkpoint file or a Hub model (`from_hub` names it).
 
@@ -110,7 +143,7 @@ def sample_model(
     labels = choose_labels(
         num, model.sit.config.num_classes, seed=seed, classes=classes, balanced=class_balanced
     )
-    space = SDVAELatents(load_vae(vae)) if model.latent else Pixels()
+    space, decoder = decoding_space(model, vae)
     name = f"{spec.name}-seed{seed}-n{num}" + ("" if precision == "fp32" else f"-{precision}")
     if out is not None:
         folder = Path(out)
@@ -136,7 +169,8 @@ def sample_model(
         "labels": label_rule,
         "num": num,
         "seed": seed,
-        "decoder": vae if model.latent else "pixels",
+        "decoder": decoder,
+        "latents": model.latents,
         "repa_eqx": version(),
     }
     sit = model.sit

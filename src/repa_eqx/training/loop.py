@@ -17,18 +17,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..core.errors import RepaError, StorageError
-from ..core.files import storage_errors
+from ..core.errors import ConfigError, RepaError, StorageError
+from ..core.files import storage_errors, write_json
 from ..core.images import save_grid
 from ..core.progress import progress_bar
 from ..data.datasets import PIXEL_DATASETS, ImageDataset, load_pixel_dataset
 from ..data.features import precompute_features
 from ..data.pipeline import Batches, LatentSource, PixelSource, Source, batch_dataset
+from ..data.shards import manifest_space, read_manifest
 from ..model.sit import SiTConfig
 from ..pretrained.encoders import EncoderError, TargetEncoder, load_target_encoder
 from ..pretrained.registry import load_vae, locate
 from ..sampling.samples import SamplerSpec, example_inputs, sample_jit
-from ..spaces import Pixels, SDVAELatents, Space
+from ..spaces import (
+    LatentNorm,
+    Pixels,
+    SDVAELatents,
+    Space,
+    VAELatents,
+    default_decoder,
+    published_norm,
+    space_of,
+)
 from .checkpoint import Checkpointer, NonFiniteState
 from .lock import LOCK, RunLock
 from .metrics_log import MetricsLog, plot_eval, plot_metrics
@@ -88,6 +98,8 @@ class TrainData:
     dataset: ImageDataset | None  # pixel datasets (in memory)
     features: Sequence[np.ndarray] | None  # cached target features
     latent_scale: float
+    latent_norm: LatentNorm | None = None  # channel-wise normalisation (else latent_scale)
+    latents: dict | None = None  # the run's record of its latent space (RUN/latents.json)
 
 
 def _with_cls(recipe: Recipe, index: int, encoder: TargetEncoder) -> TargetEncoder:
@@ -155,8 +167,82 @@ def _load_data(
             f"recipe section 'model': in_channels/input_size {expected} do not match the "
             f"latents {source.latent_shape} in {d.path}"
         )
-    scale = float(source.manifest.get("latent_scale", 0.18215))
-    return TrainData(source, source.num_classes, None, None, scale)
+    manifest = source.manifest
+    space, encoder = manifest_space(manifest), manifest["vae"]["source"]
+    decoder = d.vae or default_decoder(encoder)
+    if d.latent_space is not None:
+        if space_of(d.latent_space) != space:
+            raise RecipeError(
+                f"recipe key 'data.latent_space': {d.latent_space!r} is latent space "
+                f"{space_of(d.latent_space)!r}, but the shards in {d.path} hold {space!r} "
+                f"(written by {encoder!r})"
+            )
+        if space_of(decoder) != space:
+            raise RecipeError(
+                f"recipe key 'data.vae': {decoder!r} decodes latent space {space_of(decoder)!r}, "
+                f"but data.latent_space {d.latent_space!r} is {space!r}"
+            )
+    norm = _latent_norm(d, manifest, encoder)
+    if norm is not None and norm.channels != config.in_channels:
+        raise RecipeError(
+            f"recipe key 'data.latent_norm': {d.latent_norm!r} statistics have "
+            f"{norm.channels} channels, the latents in {d.path} {config.in_channels}"
+        )
+    scale = float(manifest.get("latent_scale", 0.18215))
+    latents = {
+        "space": space,
+        "encoder": encoder,
+        "decoder": decoder,
+        "resolution": manifest["resolution"],
+        "norm": d.latent_norm,
+        "scale": scale if norm is None else None,
+        "stats": None if norm is None else dataclasses.asdict(norm),
+    }
+    return TrainData(source, source.num_classes, None, None, scale, norm, latents)
+
+
+def _latent_norm(d, manifest: dict, encoder: str) -> LatentNorm | None:
+    """The channel-wise normalisation `data.latent_norm` asks for (None: "scale")."""
+    if d.latent_norm == "scale":
+        return None
+    if d.latent_norm == "published":
+        try:
+            return published_norm(encoder, d.latent_multiplier)
+        except ConfigError as e:
+            raise RecipeError(f"recipe key 'data.latent_norm' = 'published': {e}") from None
+    stats = manifest.get("latent_stats")
+    if not stats:
+        raise RecipeError(
+            f"recipe key 'data.latent_norm' = 'dataset': {d.path}/manifest.json has no "
+            "latent_stats (written by an older repa-eqx): `repa preprocess --finalize` adds them"
+        )
+    return LatentNorm.from_arrays("dataset", stats["mean"], stats["std"], d.latent_multiplier)
+
+
+def _with_decoder(recipe: Recipe) -> Recipe:
+    """`data.vae` filled in where unset: the default decoder of the shards' latent space."""
+    d = recipe.data
+    if d.dataset != "imagenet-latents" or d.vae is not None:
+        return recipe
+    decoder = default_decoder(read_manifest(d.path)["vae"]["source"])
+    return dataclasses.replace(recipe, data=dataclasses.replace(d, vae=decoder))
+
+
+LATENTS = "latents.json"  # the run's latent space: space, encoder, decoder, normalisation
+
+
+def _record_latents(run_dir: Path, latents: dict, resume: bool) -> None:
+    """Write RUN/latents.json; a resume must find the same (the statistics included)."""
+    path = run_dir / LATENTS
+    if resume and path.is_file():
+        saved = json.loads(path.read_text())
+        changed = sorted(k for k in saved.keys() | latents.keys() if saved.get(k) != latents.get(k))
+        if changed:
+            raise RecipeError(
+                f"--resume: the latents differ from {path} at {', '.join(changed)} (the "
+                "shards or their statistics changed)"
+            )
+    write_json(path, latents, indent=1)
 
 
 def _flat_keys(table: dict, prefix: str = "") -> dict:
@@ -294,8 +380,10 @@ def _space(recipe: Recipe, data: TrainData) -> Callable[[], Space]:
         if not built:
             if data.dataset is not None:
                 built.append(Pixels())
-            else:
+            elif data.latent_norm is None:
                 built.append(SDVAELatents(load_vae(recipe.data.vae)))
+            else:
+                built.append(VAELatents(data.latent_norm, load_vae(recipe.data.vae)))
         return built[0]
 
     return get
@@ -409,6 +497,7 @@ def train(
     recipe = dataclasses.replace(
         recipe, train=dataclasses.replace(recipe.train, precision=precision)
     )
+    recipe = _with_decoder(recipe)
     with storage_errors(recipe.output.dir):
         run_dir, changed = _prepare_run_dir(recipe, resume=resume)
     mesh = make_mesh(recipe.mesh.data, recipe.mesh.fsdp)
@@ -451,6 +540,8 @@ def _train(recipe, run_dir, mesh, changed, lead, resume, progress, stop_after, c
     if encoders and recipe.loss.haste is not None:
         _check_teacher(recipe, encoders[0])
     data = _load_data(recipe, loaded, config, in_step=use_repa, progress=progress, console=console)
+    if lead and data.latents is not None:
+        _record_latents(run_dir, data.latents, resume)
     config = sit_config(
         recipe, num_classes=data.num_classes, cls_dim=encoders[0].dim if reg is not None else 0
     )
@@ -525,6 +616,7 @@ def _train(recipe, run_dir, mesh, changed, lead, resume, progress, stop_after, c
         recipe.optim.ema_decay,
         recipe.train.precision,
         latent_scale=data.latent_scale,
+        latent_norm=data.latent_norm,
         objective=recipe.loss.objective,
         remat=recipe.train.remat,
         alignment=alignment_method(recipe),
@@ -544,6 +636,8 @@ def _train(recipe, run_dir, mesh, changed, lead, resume, progress, stop_after, c
     def save(step: int, arrays) -> None:
         if step != saved[-1]:
             meta = {"step": step, "data": batches.state()}
+            if data.latents is not None:  # the latent space and statistics it was trained on
+                meta["latents"] = data.latents
             checkpointer.save(step, eqx.combine(arrays, static_state), meta)
             saved.append(step)
 

@@ -144,9 +144,20 @@ class DataSpec:
     batch_size: int = 256
     # Compute the encoders' target features once per dataset and cache them (pixel datasets).
     precompute_features: bool = False
+    # The latent space the recipe trains in, named by a VAE (Hub id or local folder) of it;
+    # the shards at `path` must hold it (VAEs sharing a space: spaces.SHARED_SPACES, e.g.
+    # sd-vae-ft-mse and sd-vae-ft-ema), and so must `vae`. Unset: the shards' space, unchecked.
+    latent_space: str | None = None
+    # How latents become the model's input: "scale" z * the VAE's scaling_factor (SD-VAE,
+    # REPA); "dataset" (z - mean_c) / std_c * latent_multiplier with the shards' channel-wise
+    # statistics (manifest latent_stats; LightningDiT, REPA-E); "published" the same with the
+    # VAE config's latents_mean / latents_std.
+    latent_norm: Literal["scale", "dataset", "published"] = "scale"
+    latent_multiplier: float = 1.0
     # The VAE that decodes latents for the periodic sample grids (imagenet-latents); the paper
-    # encodes with sd-vae-ft-mse and decodes for evaluation with sd-vae-ft-ema.
-    vae: str = "stabilityai/sd-vae-ft-ema"
+    # encodes with sd-vae-ft-mse and decodes for evaluation with sd-vae-ft-ema. Unset: the
+    # space's default decoder (sd-vae-ft-ema for SD-VAE latents, else the encoding VAE).
+    vae: str | None = None
     # grain: host threads loading batches, and how many batches they keep ready.
     num_threads: int = 2
     prefetch: int = 4
@@ -341,6 +352,22 @@ def _check(recipe: Recipe) -> None:
         )
     if recipe.data.dataset == "imagenet-latents" and not recipe.data.path:
         raise RecipeError("recipe key 'data.path' is required for dataset 'imagenet-latents'")
+    if recipe.data.dataset != "imagenet-latents" and (
+        recipe.data.latent_space is not None or recipe.data.latent_norm != "scale"
+    ):
+        raise RecipeError(
+            f"recipe keys 'data.latent_space' and 'data.latent_norm' are for latent datasets "
+            f"('imagenet-latents'); {recipe.data.dataset!r} is in pixel space"
+        )
+    if recipe.data.latent_norm == "scale" and recipe.data.latent_multiplier != 1.0:
+        raise RecipeError(
+            "recipe key 'data.latent_multiplier' applies to data.latent_norm 'dataset' or "
+            "'published' (with 'scale' the VAE's scaling_factor is the multiplier)"
+        )
+    if not recipe.data.latent_multiplier > 0:
+        raise RecipeError(
+            f"recipe key 'data.latent_multiplier' must be > 0, got {recipe.data.latent_multiplier}"
+        )
     if recipe.loss.alignment not in METHODS:
         raise RecipeError(
             f"recipe key 'loss.alignment' must be one of {sorted(METHODS)}, "

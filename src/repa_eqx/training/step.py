@@ -21,7 +21,7 @@ from ..alignment import (
 )
 from ..model.repa import REPAModel
 from ..model.sit import SiTConfig
-from ..spaces import SDVAELatents
+from ..spaces import LatentNorm, SDVAELatents, VAELatents
 from .objective import Terms, ddpm_objective, repa_objective
 from .precision import resolve_precision
 from .recipe import Recipe
@@ -69,6 +69,8 @@ class StepConfig:
     precision: str  # "fp32", "bf16" or "auto" (training.precision)
     # imagenet-latents: z = (mean + std * eps) * latent_scale, sampled in the step.
     latent_scale: float = 0.18215
+    # Or channel-wise: z_norm = (z - mean_c) / std_c * multiplier (recipe key data.latent_norm).
+    latent_norm: LatentNorm | None = None
     objective: str = "interpolant"  # or "ddpm" (recipe key loss.objective)
     remat: str = "dots"  # what the SiT blocks keep for the backward pass (model.sit.REMAT_POLICIES)
     alignment: AlignmentMethod = REPA()  # the alignment method (recipe key loss.alignment)
@@ -101,15 +103,18 @@ def make_train_step(
     """A jitted `(state_arrays, batch, encoder_arrays) -> (state_arrays, metrics)`.
 
     The state's buffers are donated. `batch` holds `y` and either `x` (the model's input) or
-    `moments` (SD-VAE posterior mean and std, sampled here on device), plus either `features`
-    (a tuple, one array per encoder, precomputed) or `image` (uint8, for the frozen encoders
-    in-step). `shardings` = (state, batch, replicated) places everything on a mesh.
+    `moments` (a VAE's posterior mean and std, sampled and normalised here on device), plus
+    either `features` (a tuple, one array per encoder, precomputed) or `image` (uint8, for the
+    frozen encoders in-step). `shardings` = (state, batch, replicated) places everything on a mesh.
     """
     precision, _ = resolve_precision(step_cfg.precision)  # "auto": what the hardware runs best
     compute_dtype = jnp.bfloat16 if precision == "bf16" else jnp.float32
     objective = step_cfg.objective_fn()
     terms = step_cfg.terms
-    latents = SDVAELatents(scale=step_cfg.latent_scale)
+    if step_cfg.latent_norm is None:
+        latents = SDVAELatents(scale=step_cfg.latent_scale)
+    else:
+        latents = VAELatents(step_cfg.latent_norm)
 
     def step(state_arrays, batch, encoder_arrays):
         state: TrainState = eqx.combine(state_arrays, static_state)
