@@ -179,6 +179,7 @@ _MUTABLE_ON_RESUME = (
     "train.num_samples",
     "train.sample_steps",
     "train.sample_cfg",
+    "train.sample_shift",
     "train.remat",
     "eval.",
     "output.",
@@ -266,6 +267,7 @@ def _grid_drawer(
         recipe.train.sample_steps,
         cfg_scale=recipe.train.sample_cfg,
         path=recipe.loss.path,
+        shift=recipe.train.sample_shift,
     )
     n = recipe.train.num_samples
     labels = jnp.arange(n) % config.num_classes
@@ -385,6 +387,8 @@ def _log_line(values: dict[str, float]) -> str:
         info += f"  attn {values['attn_loss']:.4f}"
     if "dispersive_loss" in values:
         info += f"  disp {values['dispersive_loss']:+.4f}"
+    if "cos_loss" in values:
+        info += f"  cos {values['cos_loss']:.4f}"
     return info
 
 
@@ -533,6 +537,7 @@ def _train(recipe, run_dir, mesh, changed, lead, resume, progress, stop_after, c
         dispersive=dispersive_term(recipe, config),
         distillation=attention_distillation(recipe) if encoders else None,
         reg=reg,
+        cosine_coeff=recipe.loss.cosine_coeff,
     )
     step_fn = make_train_step(
         optimizer, step_cfg, static_state, static_enc, shardings=(state_sh, batch_sh, repl)

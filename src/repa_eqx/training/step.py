@@ -78,10 +78,18 @@ class StepConfig:
     dispersive: Dispersive | None = None  # recipe section loss.dispersive
     distillation: AttentionDistillation | None = None  # recipe section loss.haste
     reg: REG | None = None  # recipe section loss.reg (the targets then start with the CLS)
+    cosine_coeff: float = 0.0  # recipe key loss.cosine_coeff (LightningDiT's cosine term)
 
     @property
     def terms(self) -> Terms:
-        return Terms(self.alignment, self.proj_coeff, self.dispersive, self.distillation, self.reg)
+        return Terms(
+            self.alignment,
+            self.proj_coeff,
+            self.dispersive,
+            self.distillation,
+            self.reg,
+            cosine_coeff=self.cosine_coeff,
+        )
 
     def objective_fn(self) -> Callable:
         """`(model, x, y, targets, key, *, terms, compute_dtype, remat, align_weight,
