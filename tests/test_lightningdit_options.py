@@ -47,11 +47,18 @@ def test_cosine_loss_is_lightningdits():
     _, v_target = interpolants.interpolate("linear", x, noise, t)
     v_pred = v_target + 0.7 * jax.random.normal(k3, x.shape)
     v_pred = v_pred.at[0, :, 1, 2].set(0.0)
-    ours = float(cosine_loss(v_pred, v_target))
+    ours, grad = jax.value_and_grad(cosine_loss)(v_pred, v_target)
     ut = torch.tensor(np.asarray(x - noise))
-    theirs = float(_torch_cos_loss(-torch.tensor(np.asarray(v_pred)), ut))
-    assert abs(ours - theirs) < 1e-6, (ours, theirs)
-    assert 0.1 < ours < 1.0
+    output = torch.tensor(-np.asarray(v_pred), requires_grad=True)
+    theirs = _torch_cos_loss(output, ut)
+    theirs.backward()
+    assert abs(float(ours) - theirs.item()) < 1e-6, (float(ours), theirs.item())
+    assert 0.1 < float(ours) < 1.0
+    # The zero vector's gradient is of order 1 / eps (torch's too): relative tolerance.
+    np.testing.assert_allclose(np.asarray(grad), -output.grad.numpy(), rtol=1e-5, atol=1e-6)
+    # A zero-initialised output layer predicts v = 0 everywhere: a finite gradient.
+    zero_grad = jax.grad(cosine_loss)(jnp.zeros_like(v_pred), v_target)
+    assert np.isfinite(np.asarray(zero_grad)).all()
 
 
 @pytest.mark.slow  # the SiT's initialisation and two compiles: 15-30 s on 2 busy cores

@@ -20,11 +20,15 @@ def cosine_loss(
     """LightningDiT's `use_cosine_loss` term: 1 - the cosine similarity of the predicted and
     target velocities over the channels (axis 1) at every position, each vector divided by
     max(its norm, eps) first (`torch.nn.functional.cosine_similarity`); mean over the
-    positions, then the batch (in fp32). Invariant to the sign convention of v."""
+    positions, then the batch (in fp32). Invariant to the sign convention of v. The norm is
+    sqrt(max(|v|^2, eps^2)): at v = 0 (a zero-initialised output layer's first step) the
+    gradient is torch's, finite (of order 1 / eps; clipping tames it), where that of
+    max(|v|, eps) is NaN."""
 
     def unit(v):
         v = v.astype(jnp.float32)
-        return v / jnp.maximum(jnp.linalg.norm(v, axis=1, keepdims=True), eps)
+        squared = jnp.sum(jnp.square(v), axis=1, keepdims=True)
+        return v / jnp.sqrt(jnp.maximum(squared, eps**2))
 
     cos = jnp.sum(unit(v_pred) * unit(v_target), axis=1)
     return (1 - cos).reshape(cos.shape[0], -1).mean(axis=1).mean()

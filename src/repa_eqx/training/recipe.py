@@ -178,6 +178,14 @@ class TrainSpec:
     sample_cfg: float = 1.0
     # The grids' ODE timestep shift (LightningDiT's timestep_shift; 1.0: equal steps).
     sample_shift: float = 1.0
+    # A step whose loss or gradient norm is NaN or Inf: "stop" ends the run naming the last
+    # good checkpoint; "skip" leaves weights, optimiser state and EMA as they were (in the
+    # jitted step; the metric skipped_steps counts them, kept with the checkpoints); "rollback"
+    # restores the last checkpoint and its data position and goes on with a fresh key, at most
+    # max_rollbacks times in one `repa train` (then as "stop"; each in RUN/rollbacks.jsonl).
+    # "stop" and "rollback" see a non-finite step at the next log or checkpoint step.
+    nonfinite: Literal["stop", "skip", "rollback"] = "stop"
+    max_rollbacks: int = 3
     num_samples: int = 64
 
 
@@ -329,6 +337,10 @@ def _check(recipe: Recipe) -> None:
             raise RecipeError(f"recipe key '{key}' must be positive, got {value}")
     if recipe.eval.every < 0 or recipe.eval.num_samples <= 0 or recipe.eval.num_real < 10:
         raise RecipeError("recipe section 'eval': every >= 0, num_samples > 0, num_real >= 10")
+    if recipe.train.max_rollbacks < 0:
+        raise RecipeError(
+            f"recipe key 'train.max_rollbacks' must be >= 0, got {recipe.train.max_rollbacks}"
+        )
     if recipe.train.keep_every < 0 or recipe.data.prefetch < 0:
         raise RecipeError("recipe keys 'train.keep_every' and 'data.prefetch' must be >= 0")
     if recipe.mesh.data < 1 and recipe.mesh.data != -1:
