@@ -20,6 +20,7 @@ from repa_eqx.core.errors import ConfigError
 from repa_eqx.diffusion import interpolants
 from repa_eqx.diffusion.losses import cosine_loss
 from repa_eqx.diffusion.samplers import ode_sample, ode_times, shift_times
+from repa_eqx.runs.export import sample_command
 from repa_eqx.sampling.samples import SamplerSpec
 from repa_eqx.spaces import Pixels
 from repa_eqx.training.objective import Terms, repa_objective
@@ -200,6 +201,7 @@ def test_recipe_shift_keys_reach_the_grid_sampler(tmp_path, monkeypatch):
     draw = loop._grid_drawer(recipe, sit_config(recipe), Pixels, tmp_path, lead=False)
     draw(1, types.SimpleNamespace(sit=None))
     assert seen[0].shift == 0.3
+    assert sample_command("me/model", None, recipe).endswith("--steps 4 --shift 0.3")
     for key in ("train.sample_shift", "eval.shift"):
         section, name = key.split(".")
         with pytest.raises(RecipeError, match=key):
