@@ -107,6 +107,7 @@ class LossSpec:
     # the learned variance); path and weighting do not apply. REPA adds to either.
     objective: Literal["interpolant", "ddpm"] = "interpolant"
     path: Literal["linear", "cosine"] = "linear"
+    # "lognormal" on the linear path is LightningDiT's use_lognorm (t = sigmoid(N(0, 1))).
     weighting: Literal["uniform", "lognormal"] = "uniform"
     proj_coeff: float = 0.5
     # The alignment method (one of `alignment.METHODS`): "repa" or "irepa" (settings below).
