@@ -82,7 +82,8 @@ def sample(
     cfg_channels: Annotated[
         int | None,
         typer.Option(
-            help="DiT: guide only the first N noise channels (3 reproduces DiT's sample.py)"
+            help="DiT or ODE: guide only the first N output channels (3 reproduces DiT's "
+            "sample.py and LightningDiT's inference.py)"
         ),
     ] = None,
     cls_cfg: Annotated[
@@ -91,6 +92,13 @@ def sample(
             help="REG models: guidance scale of the CLS token (default: --cfg; 0: unguided)"
         ),
     ] = None,
+    shift: Annotated[
+        float,
+        typer.Option(
+            help="ODE: LightningDiT's timestep shift of the grid (its timestep_shift, e.g. 0.3; "
+            "1: equal steps). Its cfg_interval_start C is --interval 0,1-C"
+        ),
+    ] = 1.0,
     precision: Annotated[
         str,
         typer.Option(
@@ -145,6 +153,7 @@ def sample(
             interval=low_high,
             cfg_channels=cfg_channels,
             cls_cfg=cls_cfg,
+            shift=shift,
             precision=precision,
             num=num,
             classes=wanted,

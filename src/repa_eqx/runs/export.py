@@ -117,6 +117,8 @@ def sample_command(repo_id: str, revision: str | None, recipe: Recipe) -> str:
     args += ["--num", "64", "--steps", str(recipe.train.sample_steps)]
     if recipe.train.sample_cfg != 1.0:
         args += ["--cfg", f"{recipe.train.sample_cfg:g}"]
+    if recipe.train.sample_shift != 1.0:
+        args += ["--shift", f"{recipe.train.sample_shift:g}"]
     return " ".join(args)
 
 

@@ -100,6 +100,7 @@ def sample_model(
     interval: tuple[float, float] = (0.0, 1.0),
     cfg_channels: int | None = None,
     cls_cfg: float | None = None,
+    shift: float = 1.0,
     precision: str = "fp32",
     num: int = 64,
     classes: Sequence[int] | None = None,
@@ -124,7 +125,10 @@ def sample_model(
     `precision` "bf16" runs the network on bf16 copies of the weights (the sampler's state and
     the integration stay float32). In `just bench-sample` on this project's CPU (AMX), bf16
     SiT-B/2 and XL/2 samples came 1.6-2.7x faster than fp32 and differed from them by at most
-    0.02-0.05 (mean 0.005-0.009) in latent units. The folder name and the card say so."""
+    0.02-0.05 (mean 0.005-0.009) in latent units. The folder name and the card say so.
+
+    `shift` (ODE): LightningDiT's timestep shift (its `timestep_shift`; 1: none); with its
+    `cfg_interval_start` c as `interval` (0, 1 - c) and `cfg_channels` 3, its sampler."""
     if precision not in SAMPLE_PRECISIONS:
         raise ConfigError(f"precision must be one of {', '.join(SAMPLE_PRECISIONS)}: {precision!r}")
     mode = mode or model.default_mode
@@ -137,6 +141,7 @@ def sample_model(
         path=model.path,
         cfg_channels=cfg_channels,
         cls_cfg_scale=cls_cfg if model.sit.config.cls_dim else None,
+        shift=shift,
     )
     if cls_cfg is not None and not model.sit.config.cls_dim:
         raise ConfigError("--cls-cfg is for REG models (a CLS token); this one has none")

@@ -265,6 +265,9 @@ _MUTABLE_ON_RESUME = (
     "train.num_samples",
     "train.sample_steps",
     "train.sample_cfg",
+    "train.sample_shift",
+    "train.nonfinite",
+    "train.max_rollbacks",
     "train.remat",
     "eval.",
     "output.",
@@ -352,6 +355,7 @@ def _grid_drawer(
         recipe.train.sample_steps,
         cfg_scale=recipe.train.sample_cfg,
         path=recipe.loss.path,
+        shift=recipe.train.sample_shift,
     )
     n = recipe.train.num_samples
     labels = jnp.arange(n) % config.num_classes
@@ -390,8 +394,8 @@ def _space(recipe: Recipe, data: TrainData) -> Callable[[], Space]:
 
 
 def _restore(checkpointer: Checkpointer, state, shardings, run_dir: Path, console):
-    """(step, state, data iterator state) of the newest readable checkpoint; none is an error
-    (a resume never restarts from step 0 in silence)."""
+    """(step, state, metadata: the data iterator state, ...) of the newest readable
+    checkpoint; none is an error (a resume never restarts from step 0 in silence)."""
     restored = checkpointer.restore_latest(
         state, shardings, report=lambda m: console.print(f"[yellow]{m}")
     )
@@ -408,7 +412,7 @@ def _restore(checkpointer: Checkpointer, state, shardings, run_dir: Path, consol
         )
     start, state, meta = restored
     console.print(f"resumed {run_dir} from step {start}")
-    return start, state, meta.get("data")
+    return start, state, meta
 
 
 def _batches(recipe: Recipe, source: Source, start: int, data_state, sharding) -> Batches:
@@ -465,14 +469,25 @@ class _Speed:
         return {"steps_per_s": rate, "images_per_s": rate * self.batch_size}
 
 
+def _record_rollback(run_dir: Path, record: dict) -> None:
+    """One rollback of train.nonfinite "rollback", appended to RUN/rollbacks.jsonl."""
+    record = {**record, "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+    with storage_errors(run_dir / "rollbacks.jsonl"), (run_dir / "rollbacks.jsonl").open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 def _log_line(values: dict[str, float]) -> str:
-    info = f"loss {values['loss']:.4f}"
+    info = f"loss {values['loss']:.4f}" if "loss" in values else "loss skipped"
+    if values.get("skipped_steps"):
+        info += f"  skipped {values['skipped_steps']:.0f}"
     if "repa_loss" in values:
         info += f"  repa {values['repa_loss']:+.4f}"
     if "attn_loss" in values:
         info += f"  attn {values['attn_loss']:.4f}"
     if "dispersive_loss" in values:
         info += f"  disp {values['dispersive_loss']:+.4f}"
+    if "cos_loss" in values:
+        info += f"  cos {values['cos_loss']:.4f}"
     return info
 
 
@@ -578,9 +593,9 @@ def _train(recipe, run_dir, mesh, changed, lead, resume, progress, stop_after, c
         keep=recipe.train.keep_checkpoints,
         keep_every=recipe.train.keep_every,
     )
-    start, data_state = 0, None
+    start, start_meta = 0, {}
     if resume:
-        start, state, data_state = _restore(checkpointer, state, state_sh, run_dir, console)
+        start, state, start_meta = _restore(checkpointer, state, state_sh, run_dir, console)
         if lead:
             _record_resume(run_dir, start, changed)
     total = recipe.train.steps
@@ -625,11 +640,16 @@ def _train(recipe, run_dir, mesh, changed, lead, resume, progress, stop_after, c
         dispersive=dispersive_term(recipe, config),
         distillation=attention_distillation(recipe) if encoders else None,
         reg=reg,
+        cosine_coeff=recipe.loss.cosine_coeff,
+        nonfinite=recipe.train.nonfinite,
     )
     step_fn = make_train_step(
         optimizer, step_cfg, static_state, static_enc, shardings=(state_sh, batch_sh, repl)
     )
-    batches = _batches(recipe, data.source, start, data_state, batch_sh)
+    batches = _batches(recipe, data.source, start, start_meta.get("data"), batch_sh)
+    policy = recipe.train.nonfinite
+    # "skip": the skipped steps so far (kept with each checkpoint); summed on device.
+    skips = [int(start_meta.get("skipped_steps", 0))]
 
     saved = [start]
 
@@ -638,6 +658,8 @@ def _train(recipe, run_dir, mesh, changed, lead, resume, progress, stop_after, c
             meta = {"step": step, "data": batches.state()}
             if data.latents is not None:  # the latent space and statistics it was trained on
                 meta["latents"] = data.latents
+            if policy == "skip":
+                meta["skipped_steps"] = int(skips[0])
             checkpointer.save(step, eqx.combine(arrays, static_state), meta)
             saved.append(step)
 
@@ -653,7 +675,10 @@ def _train(recipe, run_dir, mesh, changed, lead, resume, progress, stop_after, c
 
     def log(step: int, metrics, speed: Callable[[int], dict] | None = None) -> dict[str, float]:
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for the step
-        if not all(np.isfinite(v) for v in values.values()):
+        if policy == "skip":  # a skipped step's losses are not logged; the state is unchanged
+            values = {k: v for k, v in values.items() if np.isfinite(v) and k != "skipped"}
+            values["skipped_steps"] = float(skips[0])
+        elif not all(np.isfinite(v) for v in values.values()):
             raise TrainingDiverged(
                 f"non-finite loss at step {step} ({values}); last good checkpoint: {last_good()}"
             )
@@ -663,6 +688,31 @@ def _train(recipe, run_dir, mesh, changed, lead, resume, progress, stop_after, c
             metrics_log.write(step, values)
         return values
 
+    def roll_back(failed: int, count: int, why: TrainingDiverged, arrays):
+        """Policy "rollback": (step, state arrays) of the last good checkpoint, its data
+        position restored and its key folded with `count` (the NaN is not replayed as it was)."""
+        checkpointer.wait()
+        like = eqx.combine(arrays, static_state)
+        report = lambda m: console.print(f"[yellow]{m}")  # noqa: E731
+        restored = checkpointer.restore_latest(like, state_sh, report=report)
+        if restored is None:
+            raise TrainingDiverged(f"{why} (train.nonfinite: no checkpoint to roll back to)")
+        step, state, meta = restored
+        key = jax.jit(lambda k: jax.random.fold_in(k, count), out_shardings=repl)(state.key)
+        state = eqx.tree_at(lambda s: s.key, state, key)
+        batches.restore(meta["data"])
+        saved.append(step)
+        if lead:
+            metrics_log.truncate_after(step)
+            _record_rollback(
+                run_dir, {"step": failed, "restored": step, "rollback": count, "reason": str(why)}
+            )
+        console.print(
+            f"[yellow]non-finite at step {failed}: rolled back to checkpoint {step} ({count} of "
+            f"{recipe.train.max_rollbacks} rollbacks), with a fresh key"
+        )
+        return step, eqx.filter(state, eqx.is_array)
+
     end = total if stop_after is None else min(total, start + stop_after)
     last: dict[str, float] = {}
     bar = progress_bar("train", console=console, disable=not (progress and lead), bar_width=12)
@@ -671,38 +721,57 @@ def _train(recipe, run_dir, mesh, changed, lead, resume, progress, stop_after, c
     try:
         with bar:
             task = bar.add_task("train", total=total, completed=start, rate="", info="")
-            for step in range(start, end):
-                batch = next(batches)
-                state_arrays, metrics = step_fn(state_arrays, batch, enc_arrays)
-                completed = done = step + 1
-                unlogged = (done, metrics)
-                if done % recipe.train.log_every == 0 or done == end:
-                    values = log(done, metrics, speed)
-                    unlogged = None
-                    last = values
-                    rate = values["steps_per_s"]
-                    bar.update(task, rate=f"{rate:.2f} it/s", info=_log_line(values))
-                bar.update(task, completed=done)
-                if done % recipe.train.checkpoint_every == 0 or done == total:
-                    try:
-                        save(done, state_arrays)
-                    except NonFiniteState as e:
+            step, rollbacks = start, 0
+            while step < end:
+                try:
+                    batch = next(batches)
+                    state_arrays, metrics = step_fn(state_arrays, batch, enc_arrays)
+                    completed = done = step + 1
+                    if policy == "skip":
+                        skips[0] = skips[0] + metrics["skipped"]  # on device: no wait
+                    unlogged = (done, metrics)
+                    if done % recipe.train.log_every == 0 or done == end:
+                        values = log(done, metrics, speed)
+                        unlogged = None
+                        last = values
+                        rate = values["steps_per_s"]
+                        bar.update(task, rate=f"{rate:.2f} it/s", info=_log_line(values))
+                    bar.update(task, completed=done)
+                    if done % recipe.train.checkpoint_every == 0 or done == total:
+                        try:
+                            save(done, state_arrays)
+                        except NonFiniteState as e:
+                            raise TrainingDiverged(
+                                f"{e}; last good checkpoint: {last_good()}"
+                            ) from None
+                    if done % recipe.train.sample_every == 0 or done == total:
+                        draw(done, ema_of(state_arrays))
+                        if lead:
+                            plot_metrics(metrics_log.path, run_dir / "loss.png")
+                            metrics_log.image("samples", run_dir / "samples.png", done)
+                    if monitor and (done % recipe.eval.every == 0 or done == total):
+                        scores = monitor(ema_of(state_arrays).sit, done)
+                        if lead:
+                            metrics_log.write(done, scores)
+                            plot_eval(metrics_log.path, run_dir / "eval.png")
+                        bar.console.print(
+                            f"eval @ {done}: "
+                            + ", ".join(f"{k} {v:.4g}" for k, v in scores.items())
+                        )
+                except TrainingDiverged as diverged:
+                    if policy != "rollback":
+                        raise
+                    if rollbacks == recipe.train.max_rollbacks:
                         raise TrainingDiverged(
-                            f"{e}; last good checkpoint: {last_good()}"
+                            f"{diverged} (after {rollbacks} rollbacks: train.max_rollbacks)"
                         ) from None
-                if done % recipe.train.sample_every == 0 or done == total:
-                    draw(done, ema_of(state_arrays))
-                    if lead:
-                        plot_metrics(metrics_log.path, run_dir / "loss.png")
-                        metrics_log.image("samples", run_dir / "samples.png", done)
-                if monitor and (done % recipe.eval.every == 0 or done == total):
-                    scores = monitor(ema_of(state_arrays).sit, done)
-                    if lead:
-                        metrics_log.write(done, scores)
-                        plot_eval(metrics_log.path, run_dir / "eval.png")
-                    bar.console.print(
-                        f"eval @ {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items())
-                    )
+                    rollbacks += 1
+                    step, state_arrays = roll_back(done, rollbacks, diverged, state_arrays)
+                    completed, unlogged = step, None
+                    speed = _Speed(step, recipe.data.batch_size)
+                    bar.update(task, completed=step)
+                    continue
+                step = done
             save(end, state_arrays)
     except BaseException as error:
         message = _keep_the_work(

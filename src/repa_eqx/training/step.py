@@ -1,5 +1,11 @@
 """The jitted training step: forward, gradients, AdamW with grad-norm clipping, and the EMA
-update of every trained parameter (the alignment heads included)."""
+update of every trained parameter (the alignment heads included).
+
+With the non-finite policy "skip" (recipe key train.nonfinite) a step whose loss or gradient
+norm is NaN or Inf changes neither the weights, the optimiser state (its update count
+included) nor the EMA; the step counter and the key advance (the step counts batches drawn:
+the data position, the alignment schedule and the checkpoint names follow it), and the metric
+`skipped` is 1. Under the other policies the step holds no such guard."""
 
 import dataclasses
 import functools
@@ -80,10 +86,19 @@ class StepConfig:
     dispersive: Dispersive | None = None  # recipe section loss.dispersive
     distillation: AttentionDistillation | None = None  # recipe section loss.haste
     reg: REG | None = None  # recipe section loss.reg (the targets then start with the CLS)
+    cosine_coeff: float = 0.0  # recipe key loss.cosine_coeff (LightningDiT's cosine term)
+    nonfinite: str = "stop"  # recipe key train.nonfinite: "skip" guards the update in the step
 
     @property
     def terms(self) -> Terms:
-        return Terms(self.alignment, self.proj_coeff, self.dispersive, self.distillation, self.reg)
+        return Terms(
+            self.alignment,
+            self.proj_coeff,
+            self.dispersive,
+            self.distillation,
+            self.reg,
+            cosine_coeff=self.cosine_coeff,
+        )
 
     def objective_fn(self) -> Callable:
         """`(model, x, y, targets, key, *, terms, compute_dtype, remat, align_weight,
@@ -160,11 +175,19 @@ def make_train_step(
             )
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        grad_norm = optax.tree.norm(grads)
+        old = (params, state.opt_state, eqx.filter(state.ema, eqx.is_inexact_array))
         updates, opt_state = optimizer.update(grads, state.opt_state, params)
         params = optax.apply_updates(params, updates)
-        ema_params = optax.incremental_update(
-            params, eqx.filter(state.ema, eqx.is_inexact_array), 1.0 - step_cfg.ema_decay
-        )
+        ema_params = optax.incremental_update(params, old[2], 1.0 - step_cfg.ema_decay)
+        if step_cfg.nonfinite == "skip":
+            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            params, opt_state, ema_params = jax.tree.map(
+                lambda new, kept: jnp.where(finite, new, kept),
+                (params, opt_state, ema_params),
+                old,
+            )
+            aux["skipped"] = jnp.logical_not(finite).astype(jnp.int32)
         new_state = TrainState(
             eqx.combine(params, static_model),
             eqx.combine(ema_params, static_model),
@@ -172,7 +195,7 @@ def make_train_step(
             state.step + 1,
             key,
         )
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
+        metrics = {"loss": loss, "grad_norm": grad_norm, **aux}
         return eqx.filter(new_state, eqx.is_array), metrics
 
     if shardings is None:
