@@ -134,6 +134,7 @@ class OptimSpec:
     beta2: float = 0.999
     eps: float = 1e-8
     weight_decay: float = 0.0
+    # Gradients clipped to this global norm; 0: not clipped (LightningDiT clips none).
     max_grad_norm: float = 1.0
     ema_decay: float = 0.9999
 
@@ -368,6 +369,11 @@ def _check(recipe: Recipe) -> None:
         raise RecipeError("recipe key 'eval.t' must be in [0, 1]")
     if not 0 <= recipe.model.class_dropout_prob < 1:
         raise RecipeError("recipe key 'model.class_dropout_prob' must be in [0, 1)")
+    if not recipe.optim.max_grad_norm >= 0:
+        raise RecipeError(
+            "recipe key 'optim.max_grad_norm' must be >= 0 (0: no clipping), "
+            f"got {recipe.optim.max_grad_norm}"
+        )
     if not 0 <= recipe.optim.ema_decay <= 1:
         raise RecipeError("recipe key 'optim.ema_decay' must be in [0, 1]")
     dit = recipe.model.arch.startswith("DiT-")

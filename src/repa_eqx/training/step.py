@@ -43,8 +43,10 @@ class TrainState(eqx.Module):
 
 def make_optimizer(recipe: Recipe) -> optax.GradientTransformation:
     o = recipe.optim
+    # max_grad_norm 0: no clipping. identity's state is clipping's (empty): checkpoints match.
+    clip = optax.clip_by_global_norm(o.max_grad_norm) if o.max_grad_norm > 0 else optax.identity()
     return optax.chain(
-        optax.clip_by_global_norm(o.max_grad_norm),
+        clip,
         optax.adamw(o.lr, b1=o.beta1, b2=o.beta2, eps=o.eps, weight_decay=o.weight_decay),
     )
 
