@@ -13,6 +13,7 @@ from ..diffusion.interpolants import PathType
 from ..model.sit import SiT
 from ..pretrained import PretrainedNotFound, download, load_official
 from ..pretrained.dit import is_dit_checkpoint, load_dit
+from ..pretrained.lightningdit import is_lightningdit_checkpoint, load_lightningdit
 from ..training.checkpoint import Checkpointer
 from ..training.recipe import load_recipe, sit_config
 
@@ -129,15 +130,26 @@ def load_dit_for_sampling(path: str | Path, **hints) -> SamplingModel:
     return SamplingModel(sit, path="linear", latent=True, source=Path(path), step=None)
 
 
+def load_lightningdit_for_sampling(path: str | Path, **hints) -> SamplingModel:
+    """A LightningDiT checkpoint (hustvl/LightningDiT's released .pt or its train.py's), in
+    REPA's time (`data_at_t1`); `hints`: see `pretrained.lightningdit.lightningdit_config`.
+    Its samples are VA-VAE f16d32 latents (normalised by the dataset's channel statistics)."""
+    sit, info = load_lightningdit(path, **hints)
+    return SamplingModel(sit, path="linear", latent=True, source=Path(path), step=None)
+
+
 def load_for_sampling(
     source: str | Path, *, step: int | None = None, official_args: dict | None = None
 ) -> SamplingModel:
     """A run directory, one of its checkpoints, or a checkpoint file: a DiT's (told by its
-    learned-variance output layer) or an official REPA one."""
+    learned-variance output layer), a LightningDiT's (told by its switches' tensors) or an
+    official REPA one."""
     source = Path(source)
     if source.is_file():
         if is_dit_checkpoint(source):
             return load_dit_for_sampling(source, **(official_args or {}))
+        if is_lightningdit_checkpoint(source):
+            return load_lightningdit_for_sampling(source, **(official_args or {}))
         return load_official_for_sampling(source, **(official_args or {}))
     if official_args:
         raise RunNotFound(f"{source} is a run directory; official args apply to .pt files only")
