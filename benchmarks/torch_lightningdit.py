@@ -168,9 +168,7 @@ class FinalLayer(nn.Module):
     def __init__(self, hidden: int, patch: int, out_channels: int, rmsnorm: bool):
         super().__init__()
         self.norm_final = (
-            RMSNorm(hidden)
-            if rmsnorm
-            else nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+            RMSNorm(hidden) if rmsnorm else nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         )
         self.linear = nn.Linear(hidden, patch * patch * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
