@@ -13,7 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from repa_cli.main import app
 from repa_eqx.core.errors import ConfigError
 from repa_eqx.model.sit import SiT, SiTConfig, apply_rope, rope_tables, unstack_blocks
 from repa_eqx.pretrained import PretrainedNotFound, WeightsMismatch, convert, load_converted
@@ -288,6 +290,9 @@ def test_released_id_offline(tmp_path, monkeypatch):
     with pytest.raises(PretrainedNotFound, match=f"'{repo}' is not in the Hub cache") as e:
         convert(repo)
     assert "\n" not in str(e.value)
+    result = CliRunner().invoke(app, ["convert", repo])
+    assert result.exit_code == 1 and repo in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
     commit = "2" * 40
     cached = tmp_path / "hub" / "models--hustvl--lightningdit-xl-imagenet256-800ep"
     (cached / "refs").mkdir(parents=True)
@@ -297,6 +302,8 @@ def test_released_id_offline(tmp_path, monkeypatch):
     _save_checkpoint(
         cached / "snapshots" / commit / "lightningdit-xl-imagenet256-800ep.pt", model, "bare"
     )
+    result = CliRunner().invoke(app, ["convert", repo])
+    assert result.exit_code == 0 and result.output.startswith(f"lightningdit from {repo}")
     folder = convert(repo)
     sit = load_converted(folder)
     x, t, y = _inputs()

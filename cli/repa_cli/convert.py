@@ -12,8 +12,9 @@ def convert(
     source: Annotated[
         str,
         typer.Argument(
-            help="Hub id (facebook/dinov2-base, stabilityai/sd-vae-ft-ema, ...), a local folder "
-            "in the Hub layout, or an official REPA checkpoint file (.pt)"
+            help="Hub id (facebook/dinov2-base, stabilityai/sd-vae-ft-ema, "
+            "hustvl/lightningdit-xl-imagenet256-800ep, ...), a local folder in the Hub layout, "
+            "or an official REPA or LightningDiT checkpoint file (.pt)"
         ),
     ],
     revision: Annotated[str | None, typer.Option(help="Hub branch, tag or commit")] = None,

@@ -33,8 +33,13 @@ from . import _cache
 from ._convert import WeightsMismatch
 from ._hub import PretrainedNotFound, download
 from ._torch_pickle import UnreadableCheckpoint, read_pt
-from .official import official_state_dict, official_tag, read_checkpoint, sit_from_state_dict
-from .official import strip_wrappers as _strip
+from .official import (
+    official_state_dict,
+    official_tag,
+    read_checkpoint,
+    sit_from_state_dict,
+    strip_wrappers,
+)
 
 FAMILY = "lightningdit"  # the conversion cache's name for these
 # The released ImageNet 256 models: LightningDiT-XL/1 on VA-VAE f16d32 latents (16x16x32).
@@ -42,20 +47,20 @@ RELEASED = (
     "hustvl/lightningdit-xl-imagenet256-800ep",
     "hustvl/lightningdit-xl-imagenet256-64ep",
 )
-_HINTS = frozenset({"model", "input_size", "num_heads", "encoder_depth", "data_at_t1"})
+_HINTS = frozenset({"model", "input_size", "num_heads", "encoder_depth"})
 _NAME = re.compile(r"LightningDiT-(S|B|L|XL|1p0B|1p6B)/(1|2|4|8)")
 # Tensors only LightningDiT's switches make: how its state dicts are told apart.
 _MARKS = ("mlp.w12.weight", "norm1.weight", "attn.q_norm.weight")
 
 
 def _shapes(tensors: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(np.shape(v)) for k, v in _strip(dict(tensors)).items()}
+    return {k: tuple(np.shape(v)) for k, v in strip_wrappers(dict(tensors)).items()}
 
 
 def is_lightningdit_state_dict(tensors: Mapping[str, Any]) -> bool:
     """Whether a state dict has a LightningDiT switch's tensors (or its RoPE table) and no
     REPA projectors."""
-    names = _strip(dict(tensors)).keys()
+    names = strip_wrappers(dict(tensors)).keys()
     if any(n.startswith("projectors.") for n in names):
         return False
     return "feat_rope.freqs_cos" in names or any(
