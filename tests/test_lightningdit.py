@@ -76,16 +76,20 @@ def _inputs(n=3, seed=1):
     return x, t, y
 
 
-def _random_sit(config: SiTConfig, seed: int = 0) -> SiT:
-    """A SiT with every weight random (SiT's zero-initialised and unit norm ones too)."""
+def _random(skeleton, seed: int = 0):
+    """Every weight of a module skeleton random (SiT's zero-initialised and unit norm ones
+    too); no eager init."""
     rng = np.random.default_rng(seed)
 
     def leaf(path, shape):
         offset = 1.0 if "norm" in jax.tree_util.keystr(path) else 0.0
         return jnp.asarray(offset + 0.2 * rng.normal(size=shape.shape), jnp.float32)
 
-    skeleton = eqx.filter_eval_shape(SiT, config, key=jax.random.key(0))
     return jax.tree_util.tree_map_with_path(leaf, skeleton)
+
+
+def _random_sit(config: SiTConfig) -> SiT:
+    return _random(eqx.filter_eval_shape(SiT, config, key=jax.random.key(0)))
 
 
 @eqx.filter_jit
@@ -341,3 +345,35 @@ def test_recipe_keys_override_the_arch_and_round_trip(tmp_path):
         with pytest.raises(RecipeError, match=message) as e:
             sit_config(tiny_recipe(tmp_path, model=bad))
         assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_repa_model_trains_through_every_switch():
+    """A REPAModel on a switched SiT, under the training default `remat="dots"`: finite
+    gradients reach every new leaf."""
+    from repa_eqx.model.repa import REPAModel
+
+    config = SiTConfig.from_name(
+        "LightningDiT-S/1", **TINY, encoder_depth=1, qk_norm=True, wo_shift=True
+    )
+    model = _random(eqx.filter_eval_shape(REPAModel, config, (16,), 32, key=jax.random.key(0)))
+    x = jax.random.normal(jax.random.key(2), (2, 4, 8, 8))
+    t, y = jnp.asarray([0.2, 0.7]), jnp.asarray([1, 10])
+
+    @eqx.filter_jit
+    @eqx.filter_grad
+    def grads(m):
+        out, projected = jax.vmap(lambda a, b, c: m(a, b, c, remat="dots"))(x, t, y)
+        return jnp.mean(out**2) + jnp.mean(projected[0] ** 2)
+
+    g = grads(model)
+    assert all(bool(jnp.isfinite(leaf).all()) for leaf in jax.tree.leaves(g))
+    blocks = g.sit.blocks
+    for leaf in (
+        blocks.norm1.weight,
+        blocks.norm2.weight,
+        blocks.q_norm.weight,
+        blocks.k_norm.weight,
+        g.sit.final_norm.weight,
+    ):
+        assert float(jnp.abs(leaf).max()) > 0
