@@ -26,7 +26,7 @@ from repa_eqx.nn import layers
 def jax_step(model: str, force_einsum: bool):
     """A callable running one bf16 step (carrying its donated state on)."""
     config = imagenet_config(model)
-    batch = make_batch(8, config.num_tokens)
+    batch = make_batch(8, config)
     if force_einsum:
         with mock.patch.object(layers, "attention_implementation", lambda *a, **k: "einsum"):
             state, enc, lowered, _ = lower_step(config, step_config("bf16", "dots"), batch)
@@ -71,7 +71,7 @@ def torch_step(model: str):
         ema_decay=0.9999,
         proj_coeff=0.5,
     )
-    batch = make_batch(8, c.num_tokens)
+    batch = make_batch(8, c)
     x, y, f = (
         torch.from_numpy(np.array(a)) for a in (batch["x"], batch["y"], batch["features"][0])
     )

@@ -72,8 +72,11 @@ from repa_eqx.model.sit import REMAT_POLICIES, SiTConfig
 from repa_eqx.training.recipe import Recipe
 from repa_eqx.training.step import StepConfig, init_state, make_optimizer, make_train_step
 
-# ImageNet-256 through the SD-VAE: 4x32x32 latents; SiT-x/2 makes 16x16 = 256 tokens.
+# ImageNet-256 through the SD-VAE: 4x32x32 latents; SiT-x/2 makes 16x16 = 256 tokens. Patch
+# size 1 models (SiT-XL/1, REPA-E's and LightningDiT's set-up) run on f16d32 latents (VA-VAE,
+# E2E-VAE): 32x16x16, also 256 tokens.
 LATENT_CHANNELS, LATENT_SIZE, NUM_CLASSES = 4, 32, 1000
+F16D32_CHANNELS, F16D32_SIZE = 32, 16
 TARGET_DIM, PROJECTOR_DIM = 768, 2048  # DINOv2-B features; the paper's projector width
 PRECISIONS = ("fp32", "bf16")
 
@@ -93,10 +96,10 @@ def measure_peak_gflops(n: int = 2048, reps: int = 10) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def make_batch(batch_size: int, num_tokens: int) -> dict:
+def make_batch(batch_size: int, config: SiTConfig) -> dict:
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((batch_size, LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE))
-    features = rng.standard_normal((batch_size, num_tokens, TARGET_DIM))
+    x = rng.standard_normal((batch_size, config.in_channels, config.input_size, config.input_size))
+    features = rng.standard_normal((batch_size, config.num_tokens, TARGET_DIM))
     # On the device once, so the timed steps measure the step and not the host-to-device copy.
     return {
         "x": jnp.asarray(x, jnp.float32),
@@ -131,7 +134,7 @@ def lower_abstract(model: str, precision: str, batch_size: int, remat: str):
     state_arrays, static_state = eqx.partition(state, is_struct)
     enc_arrays, static_enc = eqx.partition((), eqx.is_array)
     step_fn = make_train_step(optimizer, step_config(precision, remat), static_state, static_enc)
-    batch = jax.eval_shape(lambda: make_batch(batch_size, config.num_tokens))
+    batch = jax.eval_shape(lambda: make_batch(batch_size, config))
     start = time.perf_counter()
     lowered = step_fn.lower(state_arrays, batch, enc_arrays)
     return lowered, time.perf_counter() - start
@@ -163,8 +166,18 @@ def model_flops(config: SiTConfig, step_cfg: StepConfig, batch: dict) -> float:
 
 
 def imagenet_config(model: str) -> SiTConfig:
+    """SiT-`model` on ImageNet-256 latents: SD-VAE's 4x32x32, or f16d32's 32x16x16 for patch
+    size 1 ("XL/1")."""
+    channels, size = (
+        (F16D32_CHANNELS, F16D32_SIZE)
+        if model.endswith("/1")
+        else (
+            LATENT_CHANNELS,
+            LATENT_SIZE,
+        )
+    )
     return SiTConfig.from_name(
-        f"SiT-{model}", input_size=LATENT_SIZE, in_channels=LATENT_CHANNELS, num_classes=NUM_CLASSES
+        f"SiT-{model}", input_size=size, in_channels=channels, num_classes=NUM_CLASSES
     )
 
 
@@ -186,7 +199,7 @@ def bench_one(
 ) -> dict:
     config = imagenet_config(model)
     step_cfg = step_config(precision, remat)
-    batch = make_batch(batch_size, config.num_tokens)
+    batch = make_batch(batch_size, config)
     state_arrays, enc_arrays, lowered, lower_s = lower_step(config, step_cfg, batch)
     start = time.perf_counter()
     compiled = lowered.compile()
@@ -250,7 +263,7 @@ def bench_torch(model: str, precision: str, batch_size: int, steps: int, warmup:
         ema_decay=step_cfg.ema_decay,
         proj_coeff=step_cfg.proj_coeff,
     )
-    batch = make_batch(batch_size, c.num_tokens)
+    batch = make_batch(batch_size, c)
     x, y, features = (
         torch.from_numpy(np.array(a)) for a in (batch["x"], batch["y"], batch["features"][0])
     )

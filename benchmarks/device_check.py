@@ -143,7 +143,7 @@ def train_step(
 ) -> dict:
     """The library's REPA train step of `config`: compiled, run, timed, its memory."""
     step_cfg = bench.step_config(precision, "dots")
-    batch = bench.make_batch(batch_size, config.num_tokens)
+    batch = bench.make_batch(batch_size, config)
     state, enc, lowered, lower_s = bench.lower_step(config, step_cfg, batch)
     start = time.perf_counter()
     compiled = lowered.compile()

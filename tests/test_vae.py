@@ -108,6 +108,46 @@ def test_sd_architecture_parity():
     _assert_parity(from_state_dict(config, tensors), model, _images(32, batch=1))
 
 
+# An f16d32-style VAE in miniature: self-attention after every resnet of the lowest level.
+LEVEL_ATTENTION = {
+    "block_out_channels": (32, 64),
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "latent_channels": 8,
+    "down_block_types": ("DownEncoderBlock2D", "AttnDownEncoderBlock2D"),
+    "up_block_types": ("AttnUpDecoderBlock2D", "UpDecoderBlock2D"),
+}
+
+
+def test_attention_levels_and_published_statistics(tmp_path):
+    """diffusers' Attn*Block2D levels (REPA-E's *-hf VAEs), parity; the statistics are kept."""
+    mean, std = [0.1 * i for i in range(8)], [1.0 + 0.5 * i for i in range(8)]
+    torch.manual_seed(2)
+    model = TorchAutoencoderKL(**LEVEL_ATTENTION, latents_mean=mean, latents_std=std).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_((param.std() if param.ndim > 1 else 0.1) * torch.randn_like(param))
+    model.save_pretrained(tmp_path)
+    vae = load_vae(str(tmp_path))
+    config = vae.config
+    assert (config.down_attention, config.up_attention) == ((1,), (0,))
+    assert config.down_block_types == LEVEL_ATTENTION["down_block_types"]
+    assert config.up_block_types == LEVEL_ATTENTION["up_block_types"]
+    np.testing.assert_allclose(config.latents_mean, mean)
+    np.testing.assert_allclose(config.latents_std, std)
+    assert len(vae.encoder.down_blocks[1].attentions) == 1
+    assert not vae.encoder.down_blocks[0].attentions and not vae.decoder.up_blocks[1].attentions
+    assert len(vae.decoder.up_blocks[0].attentions) == 2
+    images = _images(16, batch=1)
+    reference = _reference(model, images)
+    ours_mean, ours_std = encode(vae, jnp.asarray(images))
+    ours = (ours_mean, ours_std, decode(vae, jnp.asarray(reference[0])))
+    diffs = [float(np.abs(np.asarray(o) - r).max()) for o, r in zip(ours, reference, strict=True)]
+    print("max abs diff (mean, std, decoded):", diffs)
+    for o, r in zip(ours, reference, strict=True):
+        np.testing.assert_allclose(np.asarray(o), r, rtol=1e-4, atol=1e-4)
+
+
 def test_config_from_json(checkpoint):
     variant, _, folder = checkpoint
     config = VAEConfig.from_json(folder / "config.json")
@@ -120,8 +160,10 @@ def test_config_from_json(checkpoint):
     [
         ({"act_fn": "relu"}, "act_fn"),
         ({"_class_name": "AutoencoderTiny"}, "_class_name"),
-        ({"up_block_types": ["UpDecoderBlock2D", "AttnUpDecoderBlock2D"]}, "up_block_types"),
-        ({"shift_factor": 0.1159}, "shift_factor"),
+        ({"up_block_types": ["UpDecoderBlock2D", "CrossAttnUpBlock2D"]}, "up_block_types"),
+        ({"down_block_types": ["DownEncoderBlock2D"]}, "down_block_types"),
+        ({"latents_mean": [0.0] * 3}, "latents_mean has 3 values"),
+        ({"latents_std": [1.0, 1.0, 0.0, 1.0]}, "latents_std"),
         ({"norm_num_groups": 24}, "norm_num_groups"),
     ],
 )

@@ -6,6 +6,8 @@ name, the offline teacher included, reading the conversion cache (`repa convert`
 holds the source. Private modules hold what the ports share: the converter (`_convert`), the
 Hub download helper (`_hub`), the ViT kit (`_vit`), the torch-free pickle reader
 (`_torch_pickle`) and the conversion cache (`_cache`); other rooms use this namespace.
+`ldm_vae` reads the VAEs published as latent-diffusion `.pt` files (VA-VAE, REPA-E's) into
+the diffusers `AutoencoderKL` port.
 """
 
 from ._convert import WeightsMismatch as WeightsMismatch

@@ -20,11 +20,13 @@ def download(
     *,
     revision: str | None = None,
     allow_patterns: Sequence[str] | None = None,
+    ignore_patterns: Sequence[str] = (),
     endpoint: str | None = None,
     local_hint: str = "a local folder",
 ) -> Path:
     """The snapshot folder of the files of `repo_id` matching `allow_patterns`, downloaded once
-    into the Hub cache (`HF_HUB_OFFLINE=1` reads the cache alone). Every failure is a
+    into the Hub cache (`HF_HUB_OFFLINE=1` reads the cache alone), none matching
+    `ignore_patterns`. Every failure is a
     `PretrainedNotFound` saying what to do; `local_hint` names the local alternative."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
@@ -42,6 +44,7 @@ def download(
                 repo_id,
                 revision=revision,
                 allow_patterns=list(allow_patterns) if allow_patterns else None,
+                ignore_patterns=list(ignore_patterns) or None,
                 endpoint=endpoint,
             )
         )

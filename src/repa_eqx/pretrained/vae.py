@@ -26,6 +26,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from ..core.errors import ConfigError
 from ..nn.layers import multihead_attention
+from . import ldm_vae
 from ._convert import HubConfig, Port, Target, fill
 
 SCALING_FACTOR = 0.18215  # SD's latent scale: brings the latents to about unit variance
@@ -33,9 +34,22 @@ _EPS = 1e-6  # every GroupNorm of the VAE
 _LOGVAR_MIN, _LOGVAR_MAX = -30.0, 20.0  # diffusers' clamp of the posterior log-variance
 
 
+_PLAIN_DOWN, _ATTN_DOWN = "DownEncoderBlock2D", "AttnDownEncoderBlock2D"
+_PLAIN_UP, _ATTN_UP = "UpDecoderBlock2D", "AttnUpDecoderBlock2D"
+
+
 @dataclasses.dataclass(frozen=True)
 class VAEConfig(HubConfig):
-    """The architecture fields of a diffusers `AutoencoderKL` `config.json`."""
+    """The architecture fields of a diffusers `AutoencoderKL` `config.json`, and the latent
+    statistics it publishes.
+
+    `down_attention` / `up_attention` are the indices of the encoder's down blocks / the
+    decoder's up blocks (decoder order: lowest resolution first) of diffusers' `Attn*` kind,
+    whose every resnet is followed by self-attention (VA-VAE's f16d32 has it at its 16x16
+    level). `latents_mean`, `latents_std` (per channel) and `shift_factor` are what the
+    checkpoint publishes for normalising its latents; the network never applies them, the
+    latent space that normalises does.
+    """
 
     block_out_channels: tuple[int, ...]
     layers_per_block: int
@@ -48,6 +62,11 @@ class VAEConfig(HubConfig):
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
+    down_attention: tuple[int, ...] = ()
+    up_attention: tuple[int, ...] = ()
+    latents_mean: tuple[float, ...] | None = None
+    latents_std: tuple[float, ...] | None = None
+    shift_factor: float | None = None
 
     def __post_init__(self):
         if not self.block_out_channels or self.layers_per_block < 1:
@@ -55,6 +74,30 @@ class VAEConfig(HubConfig):
         uneven = [c for c in self.block_out_channels if c % self.norm_num_groups]
         if uneven:
             raise ConfigError(f"block_out_channels {uneven} not divisible by norm_num_groups")
+        levels = range(len(self.block_out_channels))
+        for name in ("down_attention", "up_attention"):
+            if any(i not in levels for i in getattr(self, name)):
+                raise ConfigError(f"{name} {list(getattr(self, name))} outside blocks {levels}")
+        for name in ("latents_mean", "latents_std"):
+            values = getattr(self, name)
+            if values is not None and len(values) != self.latent_channels:
+                raise ConfigError(
+                    f"{name} has {len(values)} values for {self.latent_channels} latent channels"
+                )
+        if self.latents_std is not None and not all(s > 0 for s in self.latents_std):
+            raise ConfigError(f"latents_std {list(self.latents_std)} is not positive")
+
+    @property
+    def down_block_types(self) -> tuple[str, ...]:
+        """The encoder's blocks as diffusers names them."""
+        levels = range(len(self.block_out_channels))
+        return tuple(_ATTN_DOWN if i in self.down_attention else _PLAIN_DOWN for i in levels)
+
+    @property
+    def up_block_types(self) -> tuple[str, ...]:
+        """The decoder's blocks as diffusers names them."""
+        levels = range(len(self.block_out_channels))
+        return tuple(_ATTN_UP if i in self.up_attention else _PLAIN_UP for i in levels)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "VAEConfig":
@@ -69,19 +112,24 @@ class VAEConfig(HubConfig):
         if absent:
             raise ConfigError(f"config lacks {absent}")
         blocks = len(raw["block_out_channels"])
-        kinds = {"down_block_types": "DownEncoderBlock2D", "up_block_types": "UpDecoderBlock2D"}
-        for key, kind in kinds.items():
-            if list(raw.get(key, [kind] * blocks)) != [kind] * blocks:
-                raise ConfigError(f"{key} {raw[key]}: only {blocks} x {kind!r} is supported")
-        # These change how latents are normalised; to_latents and latents_to_uint8 would
-        # silently be wrong.
-        for key in ("shift_factor", "latents_mean", "latents_std"):
-            if raw.get(key) is not None:
-                raise ConfigError(f"{key} is set: only a scaling_factor is supported")
         values = {
             f.name: raw[f.name] for f in dataclasses.fields(cls) if raw.get(f.name) is not None
         }
+        kinds = {
+            "down_block_types": (_PLAIN_DOWN, _ATTN_DOWN),
+            "up_block_types": (_PLAIN_UP, _ATTN_UP),
+        }
+        for key, (plain, attn) in kinds.items():
+            types = list(raw.get(key, [plain] * blocks))
+            if len(types) != blocks or not set(types) <= {plain, attn}:
+                raise ConfigError(f"{key} {types}: only {blocks} x {plain!r} or {attn!r}")
+            values[key.split("_")[0] + "_attention"] = tuple(
+                i for i, kind in enumerate(types) if kind == attn
+            )
         values["block_out_channels"] = tuple(int(c) for c in values["block_out_channels"])
+        for key in ("latents_mean", "latents_std"):
+            if key in values:
+                values[key] = tuple(float(v) for v in np.ravel(values[key]))
         if isinstance(values.get("sample_size"), list):
             values["sample_size"] = tuple(values["sample_size"])
         return cls(**values)
@@ -198,15 +246,40 @@ def _resnet_chain(cin: int, cout: int, groups: int, layers: int, key: PRNGKeyArr
     )
 
 
+def _attention_chain(channels: int, groups: int, layers: int, add: bool, key: PRNGKeyArray):
+    """One attention after each resnet of an `Attn*` block; none otherwise."""
+    keys = jr.split(key, layers) if add else []
+    return tuple(Attention(channels, groups, key=k) for k in keys)
+
+
+def _resnets_then_attentions(block, x):
+    """Each resnet, followed by its attention when the block has them."""
+    for i, resnet in enumerate(block.resnets):
+        x = resnet(x)
+        if block.attentions:
+            x = block.attentions[i](x)
+    return x
+
+
 class DownBlock(eqx.Module):
     resnets: tuple[ResnetBlock, ...]
+    attentions: tuple[Attention, ...]
     downsample: eqx.nn.Conv2d | None
 
     def __init__(
-        self, cin: int, cout: int, groups: int, layers: int, downsample: bool, *, key: PRNGKeyArray
+        self,
+        cin: int,
+        cout: int,
+        groups: int,
+        layers: int,
+        downsample: bool,
+        attention: bool = False,
+        *,
+        key: PRNGKeyArray,
     ):
-        rkey, dkey = jr.split(key)
+        rkey, dkey, akey = jr.split(key, 3)
         self.resnets = _resnet_chain(cin, cout, groups, layers, rkey)
+        self.attentions = _attention_chain(cout, groups, layers, attention, akey)
         # Padding only at the bottom and right, then a valid stride-2 conv, as diffusers does.
         pad = ((0, 1), (0, 1))
         self.downsample = (
@@ -214,25 +287,33 @@ class DownBlock(eqx.Module):
         )
 
     def __call__(self, x: Float[Array, "cin H W"]) -> Float[Array, "cout h w"]:
-        for resnet in self.resnets:
-            x = resnet(x)
+        x = _resnets_then_attentions(self, x)
         return x if self.downsample is None else self.downsample(x)
 
 
 class UpBlock(eqx.Module):
     resnets: tuple[ResnetBlock, ...]
+    attentions: tuple[Attention, ...]
     upsample: eqx.nn.Conv2d | None
 
     def __init__(
-        self, cin: int, cout: int, groups: int, layers: int, upsample: bool, *, key: PRNGKeyArray
+        self,
+        cin: int,
+        cout: int,
+        groups: int,
+        layers: int,
+        upsample: bool,
+        attention: bool = False,
+        *,
+        key: PRNGKeyArray,
     ):
-        rkey, ukey = jr.split(key)
+        rkey, ukey, akey = jr.split(key, 3)
         self.resnets = _resnet_chain(cin, cout, groups, layers, rkey)
+        self.attentions = _attention_chain(cout, groups, layers, attention, akey)
         self.upsample = _conv3x3(cout, cout, key=ukey) if upsample else None
 
     def __call__(self, x: Float[Array, "cin h w"]) -> Float[Array, "cout H W"]:
-        for resnet in self.resnets:
-            x = resnet(x)
+        x = _resnets_then_attentions(self, x)
         if self.upsample is None:
             return x
         nearest = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)  # nearest-neighbour x2
@@ -252,7 +333,15 @@ class Encoder(eqx.Module):
         self.conv_in = _conv3x3(config.in_channels, channels[0], key=ikey)
         keys, last = jr.split(dkey, len(channels)), len(channels) - 1
         self.down_blocks = tuple(
-            DownBlock(cin, cout, groups, config.layers_per_block, i < last, key=keys[i])
+            DownBlock(
+                cin,
+                cout,
+                groups,
+                config.layers_per_block,
+                i < last,
+                i in config.down_attention,
+                key=keys[i],
+            )
             for i, (cin, cout) in enumerate(_widths(channels))
         )
         add_attention = config.mid_block_add_attention
@@ -285,7 +374,15 @@ class Decoder(eqx.Module):
         keys, last = jr.split(ukey, len(channels)), len(channels) - 1
         # One resnet more per block than the encoder has.
         self.up_blocks = tuple(
-            UpBlock(cin, cout, groups, config.layers_per_block + 1, i < last, key=keys[i])
+            UpBlock(
+                cin,
+                cout,
+                groups,
+                config.layers_per_block + 1,
+                i < last,
+                i in config.up_attention,
+                key=keys[i],
+            )
             for i, (cin, cout) in enumerate(_widths(channels))
         )
         self.conv_norm_out = GroupNorm(groups, channels[-1])
@@ -383,16 +480,27 @@ def _resnets_at(name: str, get: Callable, cin: int, cout: int, layers: int) -> l
     return targets
 
 
+def _attention_at(name: str, get: Callable) -> list[Target]:
+    # Checkpoint names; the output projection is the first entry of a Sequential.
+    parts = ("group_norm", "to_q", "to_k", "to_v", "to_out")
+    targets = []
+    for ours, theirs in zip(parts, (*parts[:-1], "to_out.0"), strict=True):
+        targets += _affine(f"{name}.{theirs}", lambda m, o=ours: getattr(get(m), o))
+    return targets
+
+
+def _attentions_at(name: str, get: Callable, layers: int) -> list[Target]:
+    targets = []
+    for i in range(layers):
+        targets += _attention_at(f"{name}.attentions.{i}", _item(lambda m: get(m).attentions, i))
+    return targets
+
+
 def _mid_block_at(name: str, get: Callable, config: VAEConfig) -> list[Target]:
     width = config.block_out_channels[-1]
     targets = _resnets_at(name, get, width, width, 2)
     if config.mid_block_add_attention:
-        # Checkpoint names; the output projection is the first entry of a Sequential.
-        parts = ("group_norm", "to_q", "to_k", "to_v", "to_out")
-        for ours, theirs in zip(parts, (*parts[:-1], "to_out.0"), strict=True):
-            targets += _affine(
-                f"{name}.attentions.0.{theirs}", lambda m, o=ours: getattr(get(m).attention, o)
-            )
+        targets += _attention_at(f"{name}.attentions.0", lambda m: get(m).attention)
     return targets
 
 
@@ -405,6 +513,8 @@ def targets(config: VAEConfig) -> list[Target]:
     for i, (cin, cout) in enumerate(_widths(channels)):
         name, get = f"encoder.down_blocks.{i}", _item(lambda m: m.encoder.down_blocks, i)
         targets += _resnets_at(name, get, cin, cout, layers)
+        if i in config.down_attention:
+            targets += _attentions_at(name, get, layers)
         if i < last:
             targets += _affine(f"{name}.downsamplers.0.conv", lambda m, g=get: g(m).downsample)
     targets += _mid_block_at("encoder.mid_block", lambda m: m.encoder.mid_block, config)
@@ -417,6 +527,8 @@ def targets(config: VAEConfig) -> list[Target]:
     for i, (cin, cout) in enumerate(_widths(channels)):
         name, get = f"decoder.up_blocks.{i}", _item(lambda m: m.decoder.up_blocks, i)
         targets += _resnets_at(name, get, cin, cout, layers + 1)
+        if i in config.up_attention:
+            targets += _attentions_at(name, get, layers + 1)
         if i < last:
             targets += _affine(f"{name}.upsamplers.0.conv", lambda m, g=get: g(m).upsample)
     targets += _affine("decoder.conv_norm_out", lambda m: m.decoder.conv_norm_out)
@@ -452,12 +564,19 @@ def _current_names(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def from_state_dict(config: VAEConfig, tensors: dict[str, np.ndarray]) -> AutoencoderKL:
-    """An `AutoencoderKL` with every leaf filled from a diffusers state dict."""
+    """An `AutoencoderKL` with every leaf filled from a diffusers state dict, or from a
+    latent-diffusion one (`ldm_vae`: its loss and foundation-model tensors are ignored)."""
     skeleton = jax.eval_shape(lambda: AutoencoderKL(config, key=jr.key(0)))
     what = (
         f"an AutoencoderKL with blocks {list(config.block_out_channels)} of "
         f"{config.layers_per_block} layers"
     )
+    if ldm_vae.is_ldm(tensors):
+        levels = len(config.block_out_channels)
+        renamed = [
+            dataclasses.replace(t, names=ldm_vae.ldm_name(t.names, levels)) for t in targets(config)
+        ]
+        return fill(skeleton, tensors, renamed, what=what, ignored=ldm_vae.not_vae(tensors))
     return fill(skeleton, _current_names(tensors), targets(config), what=what)
 
 
