@@ -73,9 +73,10 @@ def official_config(args: Mapping[str, Any]) -> tuple[SiTConfig, tuple[int, ...]
     """(SiT config, projector output widths, projector width) that the reference's `args` build.
 
     Reads `model` ("SiT-XL/2"), `encoder_depth`, `resolution` (latent grid = resolution / 8),
-    `num_classes`, `qk_norm` (must be false), and `projector_embed_dims` ("768,1024") or else
-    `enc_type` ("dinov2-vit-b": the encoder's width). Our extensions `depth`, `hidden_size`,
-    `num_heads`, `in_channels` and `projector_dim` describe models outside the named sizes.
+    `num_classes`, `qk_norm` (timm's q/k LayerNorms), and `projector_embed_dims`
+    ("768,1024") or else `enc_type` ("dinov2-vit-b": the encoder's width). Our extensions
+    `depth`, `hidden_size`, `num_heads`, `in_channels` and `projector_dim` describe models
+    outside the named sizes.
     The label dropout is the reference SiT's fixed 0.1 (its `cfg_prob` only matters for the
     `legacy` double dropout in training).
     """
@@ -90,8 +91,6 @@ def official_config(args: Mapping[str, Any]) -> tuple[SiTConfig, tuple[int, ...]
             "projector_embed_dims='768')"
         )
     args = _ARGS_DEFAULTS | given
-    if args["qk_norm"]:
-        raise ConfigError("qk_norm=True checkpoints are not supported: our SiT has no qk-norm")
     if args["resolution"] % _VAE_FACTOR:
         raise ConfigError(f"resolution {args['resolution']} is not a multiple of {_VAE_FACTOR}")
     sizes = {
@@ -103,6 +102,7 @@ def official_config(args: Mapping[str, Any]) -> tuple[SiTConfig, tuple[int, ...]
         num_classes=int(args["num_classes"]),
         encoder_depth=int(args["encoder_depth"]),
         cls_dim=int(args.get(_REG_FIELD) or 0),
+        qk_norm=bool(args["qk_norm"]),  # timm's per-head LayerNorms, our `qk_norm`
         **sizes,
     )
     return config, _z_dims(args), int(args.get("projector_dim", 2048))
