@@ -377,3 +377,36 @@ def test_repa_model_trains_through_every_switch():
         g.sit.final_norm.weight,
     ):
         assert float(jnp.abs(leaf).max()) > 0
+
+
+def test_full_size_xl1_names_and_shapes():
+    """LightningDiT-XL/1 as released (16x16x32 latents): every tensor of the reference's
+    state dict has its place in ours, with its shape (torch on the meta device: no memory)."""
+    from repa_eqx.model.repa import REPAModel
+    from repa_eqx.pretrained.official import targets
+
+    with torch.device("meta"):
+        reference = tl.LightningDiT(
+            input_size=16,
+            patch_size=1,
+            in_channels=32,
+            use_swiglu=True,
+            use_rmsnorm=True,
+            use_rope=True,
+        )
+    theirs = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    config = SiTConfig.from_name("LightningDiT-XL/1", input_size=16, in_channels=32)
+    skeleton = eqx.filter_eval_shape(REPAModel, config, (), 1, key=jax.random.key(0))
+    ours = {}
+    for target in targets(config, 0):
+        shape = tuple(target.where(skeleton).shape)
+        if isinstance(target.names, str):
+            ours[target.names] = shape
+        else:
+            ours.update(dict.fromkeys(target.names, shape[1:]))
+    frozen = {"pos_embed": (1, 256, 1152)} | dict.fromkeys(
+        ("feat_rope.freqs_cos", "feat_rope.freqs_sin"), (256, 72)
+    )
+    assert ours | frozen == theirs
+    count = sum(int(np.prod(s)) for s in ours.values())
+    assert 670e6 < count < 680e6, count  # the paper's 675M
