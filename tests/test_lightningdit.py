@@ -280,6 +280,11 @@ def test_checkpoint_file_torch_free(tmp_path, monkeypatch, layout):
     sampling = load_for_sampling(path)
     assert sampling.sit.config == sit.config and sampling.sit.config.data_at_t1
     assert sampling.objective == "interpolant"
+    if layout == "bare":  # a file in REPA's time (our own export): the hint says so
+        own, _ = load_lightningdit(path, data_at_t1=0)
+        np.testing.assert_allclose(_ours(own, x, t, y), theirs, atol=5e-5, rtol=1e-4)
+        with pytest.raises(ConfigError, match="data_at_t1 must be 0 or 1, got 'no'"):
+            load_lightningdit(path, data_at_t1="no")
 
 
 def test_released_id_offline(tmp_path, monkeypatch):

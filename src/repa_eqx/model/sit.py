@@ -109,8 +109,8 @@ class SiTConfig:
             )
         if self.rope and self.cls_dim:
             raise ConfigError("rope rotates the patch grid: it has no place for REG's CLS token")
-        if self.data_at_t1 and self.learn_sigma:
-            raise ConfigError("data_at_t1 is for velocity SiTs, not DiTs (learn_sigma)")
+        if self.data_at_t1 and (self.learn_sigma or self.cls_dim):
+            raise ConfigError("data_at_t1 is for velocity SiTs, not DiTs or REG's")
 
     @property
     def grid_size(self) -> int:

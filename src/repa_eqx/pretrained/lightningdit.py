@@ -47,7 +47,7 @@ RELEASED = (
     "hustvl/lightningdit-xl-imagenet256-800ep",
     "hustvl/lightningdit-xl-imagenet256-64ep",
 )
-_HINTS = frozenset({"model", "input_size", "num_heads", "encoder_depth"})
+_HINTS = frozenset({"model", "input_size", "num_heads", "encoder_depth", "data_at_t1"})
 _NAME = re.compile(r"LightningDiT-(S|B|L|XL|1p0B|1p6B)/(1|2|4|8)")
 # Tensors only LightningDiT's switches make: how its state dicts are told apart.
 _MARKS = ("mlp.w12.weight", "norm1.weight", "attn.q_norm.weight")
@@ -204,7 +204,9 @@ def from_lightningdit_state_dict(
 
 def lightningdit_state_dict(sit: SiT) -> dict[str, np.ndarray]:
     """Our SiT under LightningDiT's state-dict names, float32, with its frozen `pos_embed`
-    and RoPE tables: what `LightningDiT.load_state_dict` takes."""
+    and RoPE tables: what `LightningDiT.load_state_dict` takes. The weights keep the SiT's
+    time: one trained here (REPA's time, `data_at_t1` False) is not in LightningDiT's; load
+    it back with the hint `data_at_t1=0`."""
     skeleton = eqx.filter_eval_shape(REPAModel, sit.config, (), key=jax.random.key(0))
     return official_state_dict(eqx.tree_at(lambda m: m.sit, skeleton, sit))
 
@@ -237,6 +239,9 @@ def load_lightningdit(
     unknown = sorted(set(hints) - _HINTS)
     if unknown:
         raise ConfigError(f"unknown LightningDiT hints {unknown}; known: {sorted(_HINTS)}")
+    if hints.get("data_at_t1", True) not in (True, False):  # the CLI gives 0 / 1
+        raise ConfigError(f"data_at_t1 must be 0 or 1, got {hints['data_at_t1']!r}")
+    hints = {k: bool(v) if k == "data_at_t1" else v for k, v in hints.items()}
     path = Path(path)
     if use_ema and not hints:
         converted = _converted(path)
