@@ -225,6 +225,7 @@ def test_cli_end_to_end_and_bad_source(dataset, source, vae_folder, tmp_path):
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert f"done: {len(GOOD)} images of 3 classes in 3 shards" in result.output
+    assert "latent statistics per channel: mean [" in result.output
     assert "skipped 2 unreadable file(s): n01443537/bad.jpg (cannot identify image file)" in (
         result.output
     )

@@ -88,6 +88,13 @@ def preprocess(
             f"done: {manifest['num_examples']} images of {manifest['num_classes']} classes in "
             f"{len(manifest['shards'])} shards -> {out / 'manifest.json'}"
         )
+        stats = manifest["latent_stats"]
+        if stats:
+            shown = lambda values: ", ".join(f"{v:.4g}" for v in values)
+            typer.echo(
+                f"latent statistics per channel: mean [{shown(stats['mean'])}], "
+                f"std [{shown(stats['std'])}]"
+            )
         skipped = manifest["skipped"]
     if skipped:
         names = ", ".join(f"{s['path']} ({s['error']})" for s in skipped[:10])

@@ -83,7 +83,8 @@ def sample(
     cfg_channels: Annotated[
         int | None,
         typer.Option(
-            help="DiT: guide only the first N noise channels (3 reproduces DiT's sample.py)"
+            help="DiT or ODE: guide only the first N output channels (3 reproduces DiT's "
+            "sample.py and LightningDiT's inference.py)"
         ),
     ] = None,
     cls_cfg: Annotated[
@@ -92,6 +93,13 @@ def sample(
             help="REG models: guidance scale of the CLS token (default: --cfg; 0: unguided)"
         ),
     ] = None,
+    shift: Annotated[
+        float,
+        typer.Option(
+            help="ODE: LightningDiT's timestep shift of the grid (its timestep_shift, e.g. 0.3; "
+            "1: equal steps). Its cfg_interval_start C is --interval 0,1-C"
+        ),
+    ] = 1.0,
     precision: Annotated[
         str,
         typer.Option(
@@ -113,8 +121,12 @@ def sample(
         typer.Option(help="Output folder (default: RUN/samples/SETTINGS); the .npz goes beside"),
     ] = None,
     vae: Annotated[
-        str, typer.Option(help="SD-VAE that decodes latent-space models")
-    ] = "stabilityai/sd-vae-ft-ema",
+        str | None,
+        typer.Option(
+            help="VAE that decodes latent-space models (default: the run's decoder, else "
+            "stabilityai/sd-vae-ft-ema); it must decode the run's latent space"
+        ),
+    ] = None,
     png: Annotated[bool, typer.Option(help="Write one PNG per image")] = True,
     runs_dir: Annotated[Path, typer.Option(help="Where training runs live")] = Path("runs"),
     progress: Annotated[bool, typer.Option(help="Show the progress bar")] = True,
@@ -142,6 +154,7 @@ def sample(
             interval=low_high,
             cfg_channels=cfg_channels,
             cls_cfg=cls_cfg,
+            shift=shift,
             precision=precision,
             num=num,
             classes=wanted,

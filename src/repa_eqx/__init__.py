@@ -10,7 +10,8 @@ ARCHITECTURE.md), and no room uses another's private (underscore) names:
     sampling     a trained model -> images and ADM .npz files, batched over devices
     data         datasets, the latent-shard format, its writer (`repa preprocess`), the
                  grain pipeline, target features cached per dataset
-    spaces       the space a model denoises: pixels, SD-VAE latents
+    spaces       the space a model denoises: pixels, SD-VAE latents (scaled), a VAE's latents
+                 normalised channel-wise (dataset or published statistics)
     pretrained   ported networks (DINOv2, CLIP, MAE, SD-VAE, Inception, REPA and DiT
                  checkpoints), one registry of names, the conversion cache
     model        the SiT / DiT and `REPAModel` (a SiT with alignment heads)

@@ -4,8 +4,11 @@
     OUT/shards/00000/images.npy    uint8 (n, 3, R, R): the centre-cropped RGB images
     OUT/shards/00000/moments.npy   float32 (n, 2 Cz, R/8, R/8): posterior mean, then std
     OUT/shards/00000/labels.npy    int32 (n,)
-    OUT/shards/00000/shard.json    count, sha256 of the three arrays, the inputs skipped
-    OUT/manifest.json              written last: its presence means the dataset is complete
+    OUT/shards/00000/shard.json    count, sha256 of the three arrays, the inputs skipped,
+                                   float64 sums of the latents (`writer.latent_sums`)
+    OUT/manifest.json              written last: its presence means the dataset is complete;
+                                   it names the VAE, its latent space (`latent_space`) and
+                                   the set's channel-wise statistics (`latent_stats`)
 
 The arrays load with `np.load(path, mmap_mode="r")`. The writer is `writer.py`, the reader
 `pipeline.LatentSource`; neither needs the other.
@@ -17,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import RepaError
+from ..spaces.vae_latents import space_of
 
 FORMAT = "repa-eqx-latents"
 VERSION = 1
@@ -101,3 +105,17 @@ def verify(path: str | Path) -> dict[str, Any]:
     if bad:
         raise PreprocessError(f"{root}: {len(bad)} file(s) fail verification: {', '.join(bad)}")
     return manifest
+
+
+def vae_space(vae: dict[str, Any]) -> str:
+    """The latent space of the VAE a plan or manifest records ({source, revision}): as
+    `spaces.space_of`, a local folder by the hash recorded when it was read."""
+    if str(vae.get("revision") or "").startswith("local-"):
+        return vae["revision"]
+    return space_of(vae["source"])
+
+
+def manifest_space(manifest: dict[str, Any]) -> str:
+    """The latent space of a preprocessed dataset (a manifest written before `latent_space`
+    was recorded: its VAE's)."""
+    return manifest.get("latent_space") or vae_space(manifest["vae"])

@@ -9,6 +9,10 @@ always the same, the result is byte-identical to an uninterrupted run (on one ma
 convolution kernels may pick other algorithms elsewhere). Worker I of W takes the shards
 k with k % W == I; whichever run finds every shard complete writes the manifest (or
 `finalize`).
+
+Each shard's record also holds float64 sums of its latents (`latent_sums`), so that the
+manifest's channel-wise statistics (`latent_stats`) are those of the whole set however many
+runs or workers wrote it.
 """
 
 import collections
@@ -49,6 +53,7 @@ from .shards import (
     PreprocessError,
     sha256,
     shard_dir,
+    vae_space,
 )
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
@@ -301,10 +306,16 @@ def _write_shard(
         _trim(tmp / "images.npy", count)
     moments = [np.asarray(m)[:real] for m, real in pending]
     moments = np.concatenate(moments) if moments else np.zeros((0, *plan["moments_shape"]))
-    np.save(tmp / "moments.npy", moments.astype(np.float32))
+    moments = moments.astype(np.float32)
+    np.save(tmp / "moments.npy", moments)
     np.save(tmp / "labels.npy", np.asarray(labels, np.int32))
     checksums = {name: sha256(tmp / name) for name in ARRAYS}
-    record = {"count": count, "sha256": checksums, "skipped": skipped}
+    record = {
+        "count": count,
+        "sha256": checksums,
+        "skipped": skipped,
+        "latent_sums": latent_sums(moments),
+    }
     (tmp / SHARD).write_text(json.dumps(record, indent=1) + "\n")
     tmp.rename(final)
     return record
@@ -423,6 +434,55 @@ def _run(
     return written, skipped
 
 
+def latent_sums(moments: np.ndarray) -> dict[str, Any]:
+    """Per channel, in float64, over one shard's examples and positions: the number of values
+    `n`, the posterior means' mean and sum of squared deviations (`m2`), and the sum of the
+    posterior variances."""
+    mean, std = np.split(np.asarray(moments, np.float64), 2, axis=1)
+    axes = (0, *range(2, mean.ndim))
+    n = mean.size // mean.shape[1]
+    centre = mean.mean(axis=axes) if n else np.zeros(mean.shape[1])
+    deviations = mean - centre.reshape(-1, *[1] * (mean.ndim - 2))
+    return {
+        "n": n,
+        "mean": centre.tolist(),
+        "m2": (deviations**2).sum(axis=axes).tolist(),
+        "sum_var": (std**2).sum(axis=axes).tolist(),
+    }
+
+
+# How `latent_stats` are defined (recorded in the manifest beside them).
+LATENT_STATS_OF = (
+    "posterior sample z = mean + std * eps over every example and position, per channel: "
+    "mean_c = E[mean], std_c = sqrt(Var(mean) + E[std^2]) (population)"
+)
+
+
+def latent_stats(sums: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The channel-wise mean and std of posterior samples over all shards, from their
+    `latent_sums` (combined pairwise as Chan et al.'s parallel variance, in float64).
+
+    LightningDiT estimates the same quantities from one posterior sample of each of 10,000
+    random latents (torch's unbiased std); REPA-E ships them with its VAEs. These are their
+    exact values over the whole set, the same for any split into shards or workers."""
+    n, mean, m2, sum_var = 0, 0.0, 0.0, 0.0
+    for s in sums:
+        nb = s["n"]
+        if not nb:
+            continue
+        mb, m2b = np.asarray(s["mean"], np.float64), np.asarray(s["m2"], np.float64)
+        total = n + nb
+        delta = mb - mean
+        mean = mean + delta * (nb / total)
+        m2 = m2 + m2b + delta**2 * (n * nb / total)
+        sum_var = sum_var + np.asarray(s["sum_var"], np.float64)
+        n = total
+    if not n:
+        raise PreprocessError("no latents to compute statistics of: every shard is empty")
+    std = np.sqrt(m2 / n + sum_var / n)
+    return {"mean": np.asarray(mean).tolist(), "std": std.tolist(), "values_per_channel": n}
+
+
 def finalize(out: str | Path) -> dict[str, Any]:
     """Write `out/manifest.json` from the complete shards; an error names the missing ones."""
     out = Path(out)
@@ -435,12 +495,17 @@ def finalize(out: str | Path) -> dict[str, Any]:
             f"{len(missing)} of {num_shards} shards are not done yet ({listed}): run the "
             "workers that own them (shard k belongs to worker k % num_workers)"
         )
-    shards, skipped = [], []
+    shards, skipped, sums = [], [], []
     for k in range(num_shards):
         record = json.loads((shard_dir(out, k) / SHARD).read_text())
         path = f"shards/{k:05d}"
         shards.append({"path": path, "count": record["count"], "sha256": record["sha256"]})
         skipped += record["skipped"]
+        if "latent_sums" not in record:  # a shard written before the sums were recorded
+            record["latent_sums"] = latent_sums(np.load(shard_dir(out, k) / "moments.npy"))
+        sums.append(record["latent_sums"])
+    count = sum(s["count"] for s in shards)
+    stats = latent_stats(sums) | {"count": count, "of": LATENT_STATS_OF} if count else None
     manifest = {
         "format": FORMAT,
         "version": VERSION,
@@ -448,10 +513,12 @@ def finalize(out: str | Path) -> dict[str, Any]:
         "image_shape": plan["image_shape"],
         "moments_shape": plan["moments_shape"],
         "latent_scale": plan["latent_scale"],
-        "num_examples": sum(s["count"] for s in shards),
+        "num_examples": count,
         "num_classes": len(plan["classes"]),
         "classes": plan["classes"],
         "vae": plan["vae"],
+        "latent_space": vae_space(plan["vae"]),
+        "latent_stats": stats,
         "shard_size": plan["shard_size"],
         "shards": shards,
         "skipped": skipped,

@@ -45,7 +45,9 @@ def sample_t(
     key: PRNGKeyArray, shape: tuple[int, ...], path: PathType, weighting: Weighting
 ) -> Float[Array, "*shape"]:
     """uniform: t ~ U(0, 1). lognormal (EDM sigmas): s = exp(N(0, 1)), mapped to the t whose
-    interpolant has noise-to-signal ratio s."""
+    interpolant has noise-to-signal ratio s. On the linear path that is t = sigmoid(N(0, 1)),
+    LightningDiT's `use_lognorm` (logit-normal in its time 1 - t; N(0, 1) is symmetric); on the
+    cosine path LightningDiT would still draw sigmoid(N(0, 1)), this draws (2/pi) arctan(s)."""
     if weighting == "uniform":
         return jax.random.uniform(key, shape)
     if weighting == "lognormal":

@@ -12,6 +12,13 @@ reference compares them. Since the guided steps are known on the host, the loop 
 guided run calls the model on the doubled batch at every step, an unguided one on the batch,
 with no branch inside the loop. Compiled once per shape.
 
+LightningDiT's ODE options: `shift` s moves the ODE grid by tau -> tau / (s + (1 - s) tau)
+(`shift_times`), which is its `timestep_shift` s (t -> s t / (1 + (s - 1) t) in its time t = 1
+- tau; s < 1 spends more steps near the noise; FLUX's / SD3's shift is 1 / s); `guided_channels`
+guides only the first channels, as its `forward_with_cfg` (3 of its 32 latent channels). Its
+`cfg_interval_start` c is our interval (0, 1 - c). Its `num_sampling_steps` N counts grid points
+(N - 1 Euler steps): our num_steps = N - 1.
+
 The state may be a pytree of arrays that share the batch axis: REG integrates the image and
 its CLS token jointly, `field((x, cls), t, y) -> (v, v_cls)`, each leaf with its own guidance
 scale (`cfg_scale` a tuple; a scale <= 0 keeps that leaf's conditional output, as REG's
@@ -57,6 +64,16 @@ def linspace(start: float, end: float, steps: int) -> np.ndarray:
 def ode_times(num_steps: int) -> np.ndarray:
     """The ODE grid: num_steps + 1 equal steps' ends from 1 to 0 (float64)."""
     return linspace(1.0, 0.0, num_steps + 1)
+
+
+def shift_times(times: np.ndarray, shift: float) -> np.ndarray:
+    """LightningDiT's timestep shift of a grid, in our time: tau / (s + (1 - s) tau) (float64);
+    s = 1 keeps the grid as it is (the same array)."""
+    if shift <= 0:
+        raise ConfigError(f"shift must be > 0 (1: none), got {shift}")
+    if shift == 1:
+        return times
+    return times / (shift + (1 - shift) * times)
 
 
 def sde_times(num_steps: int) -> np.ndarray:
@@ -183,16 +200,20 @@ def ode_sample(
     cfg_scale: Scale = 1.0,
     interval: tuple[float, float] = (0.0, 1.0),
     null_label: int = 1000,
+    shift: float = 1.0,
+    guided_channels: int | None = None,
 ) -> State:
     """Integrate dx/dt = v(x, t, y) from t = 1 (`noise`) to t = 0.
 
     Euler: num_steps model calls; Heun: 2 num_steps - 1 (no correction on the last step).
     Each call is doubled on guided steps; Heun's correction is guided when its step is.
+    `shift`: the grid's timestep shift (`shift_times`; 1: equal steps); the interval applies
+    to the shifted times. `guided_channels`: guide the first that many channels only.
     """
     check_guidance(cfg_scale, interval, num_steps)
     if solver not in ("euler", "heun"):
         raise ConfigError(f"solver must be 'euler' or 'heun', got {solver!r}")
-    times = ode_times(num_steps)
+    times = shift_times(ode_times(num_steps), shift)
     guided = guided_steps(times[:-1], cfg_scale, interval)
     _, dtype = _batch(noise)
 
@@ -200,13 +221,15 @@ def ode_sample(
         def run(x, inputs):
             i, t, t_next = inputs
             dt = t_next - t
-            d = guided_call(velocity, x, t, labels, g, cfg_scale, null_label)
+            d = guided_call(velocity, x, t, labels, g, cfg_scale, null_label, guided_channels)
             x_euler = _axpy(x, dt, d)
             if solver == "euler":
                 return x_euler, None
 
             def correct():
-                d_next = guided_call(velocity, x_euler, t_next, labels, g, cfg_scale, null_label)
+                d_next = guided_call(
+                    velocity, x_euler, t_next, labels, g, cfg_scale, null_label, guided_channels
+                )
                 return _axpy(x, dt, jax.tree.map(lambda a, b: 0.5 * a + 0.5 * b, d, d_next))
 
             return jax.lax.cond(i < num_steps - 1, correct, lambda: x_euler), None

@@ -92,6 +92,23 @@ def _metrics_table(metrics: dict[str, tuple[float, int]]) -> str:
     return "\n".join(rows)
 
 
+def latent_norm_line(latents: dict | None) -> str | None:
+    """How the model's latents were normalised, for the model card (None: not recorded)."""
+    if latents is None:
+        return None
+    if latents["stats"] is None:
+        return f"Latents of `{latents['encoder']}` were scaled by {latents['scale']:g}."
+    stats = latents["stats"]
+    mean = ", ".join(f"{v:.4g}" for v in stats["mean"])
+    std = ", ".join(f"{v:.4g}" for v in stats["std"])
+    return (
+        f"Latents of `{latents['encoder']}` were normalised channel-wise with the "
+        f"{stats['source']} statistics (z - mean) / std * {stats['multiplier']:g}: mean "
+        f"[{mean}], std [{std}] (config.json `latents`); `repa sample` undoes this before "
+        "decoding."
+    )
+
+
 def sample_command(repo_id: str, revision: str | None, recipe: Recipe) -> str:
     """The `repa sample` line that draws a grid from the pushed model."""
     args = ["repa sample --from-hub", repo_id]
@@ -100,6 +117,8 @@ def sample_command(repo_id: str, revision: str | None, recipe: Recipe) -> str:
     args += ["--num", "64", "--steps", str(recipe.train.sample_steps)]
     if recipe.train.sample_cfg != 1.0:
         args += ["--cfg", f"{recipe.train.sample_cfg:g}"]
+    if recipe.train.sample_shift != 1.0:
+        args += ["--shift", f"{recipe.train.sample_shift:g}"]
     return " ".join(args)
 
 
@@ -116,8 +135,11 @@ def model_card(
     """The README.md of an export: Hub metadata, what the model is, its metrics and how they
     were made, usage."""
     sit, step = config["sit"], config["step"]
-    space = "SD-VAE latent" if config["latent"] else "pixel"
+    latents = config.get("latents")
+    space = "pixel" if not config["latent"] else "SD-VAE latent"
     size = sit["input_size"] * (8 if config["latent"] else 1)
+    if latents is not None and latents["space"] != "sd-vae":
+        space, size = f"`{latents['space']}` latent", latents["resolution"]
     encoders = ", ".join(f"`{e}`" for e in config["encoders"])
     loss = recipe.loss
     if encoders and loss.proj_coeff:
@@ -218,6 +240,9 @@ def model_card(
     ]
     if config["latent"]:
         lines += [f"Latent samples are decoded with `{config['vae']}`.", ""]
+        norm = latent_norm_line(config.get("latents"))
+        if norm:
+            lines += [norm, ""]
     lines += [
         "## Citation",
         "",
@@ -301,7 +326,8 @@ def export_run(
         "sit": dataclasses.asdict(model.sit.config),
         "path_type": model.path,
         "latent": model.latent,
-        "vae": SAMPLING_VAE if model.latent else None,
+        "vae": (model.latents or {}).get("decoder", SAMPLING_VAE) if model.latent else None,
+        "latents": model.latents,
         "encoders": [e.id for e in recipe.encoders],
         "step": model.step,
         "weights": "ema",
@@ -374,5 +400,10 @@ def from_pretrained(
     sit = SiT(SiTConfig(**config["sit"]), key=jax.random.key(0))
     sit = unflatten(load_file(folder / WEIGHTS), sit)
     return SamplingModel(
-        sit, path=config["path_type"], latent=config["latent"], source=folder, step=config["step"]
+        sit,
+        path=config["path_type"],
+        latent=config["latent"],
+        source=folder,
+        step=config["step"],
+        latents=config.get("latents"),
     )

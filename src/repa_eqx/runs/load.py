@@ -1,6 +1,7 @@
 """Finding training runs and loading their EMA model for sampling."""
 
 import dataclasses
+import json
 from pathlib import Path
 
 import equinox as eqx
@@ -30,9 +31,13 @@ class SamplingModel:
 
     sit: SiT
     path: PathType  # the interpolant it was trained on (a DiT's is unused)
-    latent: bool  # samples are SD-VAE latents (scaled by 0.18215), not pixels
+    latent: bool  # samples are a VAE's latents, not pixels
     source: Path
     step: int | None
+    # How the run's latents were made and normalised (RUN/latents.json: space, encoder,
+    # decoder, norm, scale, stats); None: SD-VAE latents scaled by 0.18215 (official
+    # checkpoints, DiTs, runs trained before it was recorded).
+    latents: dict | None = None
 
     @property
     def objective(self) -> str:
@@ -101,12 +106,14 @@ def load_run(path: str | Path, *, step: int | None = None, ema: bool = True) -> 
     )
     skeleton = eqx.filter_eval_shape(SiT, config, key=jax.random.key(0))
     sit = unflatten(weights, skeleton)
+    latents = path / "latents.json"
     return SamplingModel(
         sit,
         path=recipe.loss.path,
         latent=recipe.data.dataset == "imagenet-latents",
         source=path,
         step=step,
+        latents=json.loads(latents.read_text()) if latents.is_file() else None,
     )
 
 

@@ -14,11 +14,11 @@ from ..core.errors import ConfigError
 from ..core.version import version
 from ..pretrained import load_vae
 from ..sampling.samples import SamplerSpec, Samples, choose_labels, generate
-from ..spaces import Pixels, SDVAELatents
+from ..spaces import LatentNorm, Pixels, SDVAELatents, Space, VAELatents, space_of
 from .export import NotAnExport, from_pretrained
 from .load import DEFAULT_RUNS_DIR, SamplingModel, download_official, latest_run, load_for_sampling
 
-DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"  # decodes latent samples, as the reference does
+DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"  # decodes SD-VAE latent samples, as REPA does
 
 
 @dataclasses.dataclass
@@ -54,6 +54,38 @@ def find_model(
 SAMPLE_PRECISIONS = ("fp32", "bf16")
 
 
+def decoding_space(model: SamplingModel, vae: str | None = None) -> tuple[Space, str]:
+    """(the space that decodes the model's samples, its decoder's name): `vae`, else the
+    decoder the run recorded (else sd-vae-ft-ema); the run's normalisation is undone first.
+    A `vae` of another latent space than the run's, or with another channel count than the
+    model's input, is refused."""
+    if not model.latent:
+        return Pixels(), "pixels"
+    latents = model.latents
+    if latents is None:  # SD-VAE latents scaled by the VAE's scaling_factor
+        decoder = vae or DEFAULT_VAE
+    else:
+        decoder = vae or latents["decoder"]
+        if space_of(decoder) != latents["space"]:
+            raise ConfigError(
+                f"--vae {decoder!r} decodes latent space {space_of(decoder)!r}, but "
+                f"{model.source} was trained on {latents['space']!r} (latents of "
+                f"{latents['encoder']!r}); leave --vae out to decode with {latents['decoder']!r}"
+            )
+    loaded = load_vae(decoder)
+    channels = model.sit.config.in_channels
+    if loaded.config.latent_channels != channels:
+        raise ConfigError(
+            f"--vae {decoder!r} decodes {loaded.config.latent_channels}-channel latents, but "
+            f"{model.source} samples {channels} channels"
+        )
+    if latents is None or latents["stats"] is None:
+        return SDVAELatents(loaded), decoder
+    stats = latents["stats"]
+    norm = LatentNorm.from_arrays(stats["source"], stats["mean"], stats["std"], stats["multiplier"])
+    return VAELatents(norm, loaded), decoder
+
+
 def default_steps(mode: str) -> int:
     return 250 if mode in ("sde", "ddpm") else 50
 
@@ -68,6 +100,7 @@ def sample_model(
     interval: tuple[float, float] = (0.0, 1.0),
     cfg_channels: int | None = None,
     cls_cfg: float | None = None,
+    shift: float = 1.0,
     precision: str = "fp32",
     num: int = 64,
     classes: Sequence[int] | None = None,
@@ -75,7 +108,7 @@ def sample_model(
     seed: int = 0,
     batch: int = 64,
     out: str | Path | None = None,
-    vae: str = DEFAULT_VAE,
+    vae: str | None = None,
     png: bool = True,
     from_hub: str | None = None,
     progress: bool = True,
@@ -84,14 +117,18 @@ def sample_model(
     """`num` samples of `model` written as PNGs, a grid and an ADM `.npz`.
 
     `mode` defaults to the model's ("ode" for a SiT, "ddpm" for a DiT) and `steps` to 50
-    (ODE, DDIM) or 250 (SDE, DDPM). Latent-space models are decoded with `vae`. The output
+    (ODE, DDIM) or 250 (SDE, DDPM). Latent-space models are decoded with `vae` (default: the
+    run's decoder; see `decoding_space`), their normalisation undone first. The output
     folder defaults to RUN/samples/SETTINGS, or samples/NAME-SETTINGS in the working
     directory for a checkpoint file or a Hub model (`from_hub` names it).
 
     `precision` "bf16" runs the network on bf16 copies of the weights (the sampler's state and
     the integration stay float32). In `just bench-sample` on this project's CPU (AMX), bf16
     SiT-B/2 and XL/2 samples came 1.6-2.7x faster than fp32 and differed from them by at most
-    0.02-0.05 (mean 0.005-0.009) in latent units. The folder name and the card say so."""
+    0.02-0.05 (mean 0.005-0.009) in latent units. The folder name and the card say so.
+
+    `shift` (ODE): LightningDiT's timestep shift (its `timestep_shift`; 1: none); with its
+    `cfg_interval_start` c as `interval` (0, 1 - c) and `cfg_channels` 3, its sampler."""
     if precision not in SAMPLE_PRECISIONS:
         raise ConfigError(f"precision must be one of {', '.join(SAMPLE_PRECISIONS)}: {precision!r}")
     mode = mode or model.default_mode
@@ -104,13 +141,14 @@ def sample_model(
         path=model.path,
         cfg_channels=cfg_channels,
         cls_cfg_scale=cls_cfg if model.sit.config.cls_dim else None,
+        shift=shift,
     )
     if cls_cfg is not None and not model.sit.config.cls_dim:
         raise ConfigError("--cls-cfg is for REG models (a CLS token); this one has none")
     labels = choose_labels(
         num, model.sit.config.num_classes, seed=seed, classes=classes, balanced=class_balanced
     )
-    space = SDVAELatents(load_vae(vae)) if model.latent else Pixels()
+    space, decoder = decoding_space(model, vae)
     name = f"{spec.name}-seed{seed}-n{num}" + ("" if precision == "fp32" else f"-{precision}")
     if out is not None:
         folder = Path(out)
@@ -136,7 +174,8 @@ def sample_model(
         "labels": label_rule,
         "num": num,
         "seed": seed,
-        "decoder": vae if model.latent else "pixels",
+        "decoder": decoder,
+        "latents": model.latents,
         "repa_eqx": version(),
     }
     sit = model.sit

@@ -50,18 +50,28 @@ class SamplerSpec:
     cfg_scale: float = 1.0
     interval: tuple[float, float] = (0.0, 1.0)
     path: PathType = "linear"  # the interpolant the model was trained on (the SDE's score)
-    # DiT only: guide the first this many noise channels (None: all). DiT's sample.py guides
-    # 3 of the 4 latent channels; 3 reproduces its published guided samples.
+    # DiT and ODE: guide the first this many output channels (None: all). DiT's sample.py
+    # guides 3 of the 4 latent channels, LightningDiT's inference.py 3 of its 32; 3 reproduces
+    # their published guided samples.
     cfg_channels: int | None = None
     # REG: the guidance scale of the CLS token's drift (REG's --cls-cfg-scale; None: cfg_scale;
     # <= 0: the conditional drift, unguided).
     cls_cfg_scale: float | None = None
+    # ODE only: LightningDiT's timestep shift of the grid (`diffusion.samplers.shift_times`;
+    # its `timestep_shift`, 0.3 in its recipes; 1: equal steps).
+    shift: float = 1.0
 
     def __post_init__(self):
         if self.num_steps < 1:
             raise ConfigError(f"the sampler needs at least one step, got {self.num_steps}")
-        if self.cfg_channels is not None and self.mode not in ("ddpm", "ddim"):
-            raise ConfigError("cfg_channels applies to the DiT modes 'ddpm' and 'ddim' only")
+        if self.cfg_channels is not None and self.mode not in ("ddpm", "ddim", "ode"):
+            raise ConfigError("cfg_channels applies to the modes 'ode', 'ddpm' and 'ddim' only")
+        if self.cfg_channels is not None and self.cfg_channels < 1:
+            raise ConfigError(f"cfg_channels must be >= 1, got {self.cfg_channels}")
+        if not self.shift > 0:
+            raise ConfigError(f"shift must be > 0 (1: none), got {self.shift}")
+        if self.shift != 1 and self.mode != "ode":
+            raise ConfigError(f"shift applies to mode 'ode' only, not {self.mode!r}")
         if self.mode not in ("ode", "sde", "ddpm", "ddim"):
             raise ConfigError(
                 f"mode must be 'ode' or 'sde' (SiT), or 'ddpm' or 'ddim' (DiT), got {self.mode!r}"
@@ -84,8 +94,10 @@ class SamplerSpec:
         channels = f"-c{self.cfg_channels}" if self.cfg_channels is not None else ""
         if self.cls_cfg_scale is not None:
             channels += f"-clscfg{self.cls_cfg_scale:g}"
+        shift = f"-shift{self.shift:g}" if self.shift != 1 else ""
         return (
             f"{self.mode}{solver}-{self.num_steps}-cfg{self.cfg_scale:g}{channels}-{low:g}_{high:g}"
+            + shift
         )
 
 
@@ -150,7 +162,17 @@ def sample(
         )
     common["num_steps"] = spec.num_steps
     if spec.mode == "ode":
-        out = ode_sample(network, noise, labels, solver=spec.solver, **common)
+        if spec.cfg_channels is not None and sit.config.cls_dim:
+            raise ConfigError("cfg_channels does not apply to REG models (a CLS token)")
+        out = ode_sample(
+            network,
+            noise,
+            labels,
+            solver=spec.solver,
+            shift=spec.shift,
+            guided_channels=spec.cfg_channels,
+            **common,
+        )
     else:
         out = sde_sample(network, noise, labels, keys, path=spec.path, **common)
     return out[0] if sit.config.cls_dim else out  # REG: the image; its CLS token is dropped

@@ -17,18 +17,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..core.errors import RepaError, StorageError
-from ..core.files import storage_errors
+from ..core.errors import ConfigError, RepaError, StorageError
+from ..core.files import storage_errors, write_json
 from ..core.images import save_grid
 from ..core.progress import progress_bar
 from ..data.datasets import PIXEL_DATASETS, ImageDataset, load_pixel_dataset
 from ..data.features import precompute_features
 from ..data.pipeline import Batches, LatentSource, PixelSource, Source, batch_dataset
+from ..data.shards import manifest_space, read_manifest
 from ..model.sit import SiTConfig
 from ..pretrained.encoders import EncoderError, TargetEncoder, load_target_encoder
 from ..pretrained.registry import load_vae, locate
 from ..sampling.samples import SamplerSpec, example_inputs, sample_jit
-from ..spaces import Pixels, SDVAELatents, Space
+from ..spaces import (
+    LatentNorm,
+    Pixels,
+    SDVAELatents,
+    Space,
+    VAELatents,
+    default_decoder,
+    published_norm,
+    space_of,
+)
 from .checkpoint import Checkpointer, NonFiniteState
 from .lock import LOCK, RunLock
 from .metrics_log import MetricsLog, plot_eval, plot_metrics
@@ -88,6 +98,8 @@ class TrainData:
     dataset: ImageDataset | None  # pixel datasets (in memory)
     features: Sequence[np.ndarray] | None  # cached target features
     latent_scale: float
+    latent_norm: LatentNorm | None = None  # channel-wise normalisation (else latent_scale)
+    latents: dict | None = None  # the run's record of its latent space (RUN/latents.json)
 
 
 def _with_cls(recipe: Recipe, index: int, encoder: TargetEncoder) -> TargetEncoder:
@@ -155,8 +167,82 @@ def _load_data(
             f"recipe section 'model': in_channels/input_size {expected} do not match the "
             f"latents {source.latent_shape} in {d.path}"
         )
-    scale = float(source.manifest.get("latent_scale", 0.18215))
-    return TrainData(source, source.num_classes, None, None, scale)
+    manifest = source.manifest
+    space, encoder = manifest_space(manifest), manifest["vae"]["source"]
+    decoder = d.vae or default_decoder(encoder)
+    if d.latent_space is not None:
+        if space_of(d.latent_space) != space:
+            raise RecipeError(
+                f"recipe key 'data.latent_space': {d.latent_space!r} is latent space "
+                f"{space_of(d.latent_space)!r}, but the shards in {d.path} hold {space!r} "
+                f"(written by {encoder!r})"
+            )
+        if space_of(decoder) != space:
+            raise RecipeError(
+                f"recipe key 'data.vae': {decoder!r} decodes latent space {space_of(decoder)!r}, "
+                f"but data.latent_space {d.latent_space!r} is {space!r}"
+            )
+    norm = _latent_norm(d, manifest, encoder)
+    if norm is not None and norm.channels != config.in_channels:
+        raise RecipeError(
+            f"recipe key 'data.latent_norm': {d.latent_norm!r} statistics have "
+            f"{norm.channels} channels, the latents in {d.path} {config.in_channels}"
+        )
+    scale = float(manifest.get("latent_scale", 0.18215))
+    latents = {
+        "space": space,
+        "encoder": encoder,
+        "decoder": decoder,
+        "resolution": manifest["resolution"],
+        "norm": d.latent_norm,
+        "scale": scale if norm is None else None,
+        "stats": None if norm is None else dataclasses.asdict(norm),
+    }
+    return TrainData(source, source.num_classes, None, None, scale, norm, latents)
+
+
+def _latent_norm(d, manifest: dict, encoder: str) -> LatentNorm | None:
+    """The channel-wise normalisation `data.latent_norm` asks for (None: "scale")."""
+    if d.latent_norm == "scale":
+        return None
+    if d.latent_norm == "published":
+        try:
+            return published_norm(encoder, d.latent_multiplier)
+        except ConfigError as e:
+            raise RecipeError(f"recipe key 'data.latent_norm' = 'published': {e}") from None
+    stats = manifest.get("latent_stats")
+    if not stats:
+        raise RecipeError(
+            f"recipe key 'data.latent_norm' = 'dataset': {d.path}/manifest.json has no "
+            "latent_stats (written by an older repa-eqx): `repa preprocess --finalize` adds them"
+        )
+    return LatentNorm.from_arrays("dataset", stats["mean"], stats["std"], d.latent_multiplier)
+
+
+def _with_decoder(recipe: Recipe) -> Recipe:
+    """`data.vae` filled in where unset: the default decoder of the shards' latent space."""
+    d = recipe.data
+    if d.dataset != "imagenet-latents" or d.vae is not None:
+        return recipe
+    decoder = default_decoder(read_manifest(d.path)["vae"]["source"])
+    return dataclasses.replace(recipe, data=dataclasses.replace(d, vae=decoder))
+
+
+LATENTS = "latents.json"  # the run's latent space: space, encoder, decoder, normalisation
+
+
+def _record_latents(run_dir: Path, latents: dict, resume: bool) -> None:
+    """Write RUN/latents.json; a resume must find the same (the statistics included)."""
+    path = run_dir / LATENTS
+    if resume and path.is_file():
+        saved = json.loads(path.read_text())
+        changed = sorted(k for k in saved.keys() | latents.keys() if saved.get(k) != latents.get(k))
+        if changed:
+            raise RecipeError(
+                f"--resume: the latents differ from {path} at {', '.join(changed)} (the "
+                "shards or their statistics changed)"
+            )
+    write_json(path, latents, indent=1)
 
 
 def _flat_keys(table: dict, prefix: str = "") -> dict:
@@ -179,6 +265,9 @@ _MUTABLE_ON_RESUME = (
     "train.num_samples",
     "train.sample_steps",
     "train.sample_cfg",
+    "train.sample_shift",
+    "train.nonfinite",
+    "train.max_rollbacks",
     "train.remat",
     "eval.",
     "output.",
@@ -266,6 +355,7 @@ def _grid_drawer(
         recipe.train.sample_steps,
         cfg_scale=recipe.train.sample_cfg,
         path=recipe.loss.path,
+        shift=recipe.train.sample_shift,
     )
     n = recipe.train.num_samples
     labels = jnp.arange(n) % config.num_classes
@@ -294,16 +384,18 @@ def _space(recipe: Recipe, data: TrainData) -> Callable[[], Space]:
         if not built:
             if data.dataset is not None:
                 built.append(Pixels())
-            else:
+            elif data.latent_norm is None:
                 built.append(SDVAELatents(load_vae(recipe.data.vae)))
+            else:
+                built.append(VAELatents(data.latent_norm, load_vae(recipe.data.vae)))
         return built[0]
 
     return get
 
 
 def _restore(checkpointer: Checkpointer, state, shardings, run_dir: Path, console):
-    """(step, state, data iterator state) of the newest readable checkpoint; none is an error
-    (a resume never restarts from step 0 in silence)."""
+    """(step, state, metadata: the data iterator state, ...) of the newest readable
+    checkpoint; none is an error (a resume never restarts from step 0 in silence)."""
     restored = checkpointer.restore_latest(
         state, shardings, report=lambda m: console.print(f"[yellow]{m}")
     )
@@ -320,7 +412,7 @@ def _restore(checkpointer: Checkpointer, state, shardings, run_dir: Path, consol
         )
     start, state, meta = restored
     console.print(f"resumed {run_dir} from step {start}")
-    return start, state, meta.get("data")
+    return start, state, meta
 
 
 def _batches(recipe: Recipe, source: Source, start: int, data_state, sharding) -> Batches:
@@ -377,14 +469,25 @@ class _Speed:
         return {"steps_per_s": rate, "images_per_s": rate * self.batch_size}
 
 
+def _record_rollback(run_dir: Path, record: dict) -> None:
+    """One rollback of train.nonfinite "rollback", appended to RUN/rollbacks.jsonl."""
+    record = {**record, "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+    with storage_errors(run_dir / "rollbacks.jsonl"), (run_dir / "rollbacks.jsonl").open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 def _log_line(values: dict[str, float]) -> str:
-    info = f"loss {values['loss']:.4f}"
+    info = f"loss {values['loss']:.4f}" if "loss" in values else "loss skipped"
+    if values.get("skipped_steps"):
+        info += f"  skipped {values['skipped_steps']:.0f}"
     if "repa_loss" in values:
         info += f"  repa {values['repa_loss']:+.4f}"
     if "attn_loss" in values:
         info += f"  attn {values['attn_loss']:.4f}"
     if "dispersive_loss" in values:
         info += f"  disp {values['dispersive_loss']:+.4f}"
+    if "cos_loss" in values:
+        info += f"  cos {values['cos_loss']:.4f}"
     return info
 
 
@@ -409,6 +512,7 @@ def train(
     recipe = dataclasses.replace(
         recipe, train=dataclasses.replace(recipe.train, precision=precision)
     )
+    recipe = _with_decoder(recipe)
     with storage_errors(recipe.output.dir):
         run_dir, changed = _prepare_run_dir(recipe, resume=resume)
     mesh = make_mesh(recipe.mesh.data, recipe.mesh.fsdp)
@@ -451,6 +555,8 @@ def _train(recipe, run_dir, mesh, changed, lead, resume, progress, stop_after, c
     if encoders and recipe.loss.haste is not None:
         _check_teacher(recipe, encoders[0])
     data = _load_data(recipe, loaded, config, in_step=use_repa, progress=progress, console=console)
+    if lead and data.latents is not None:
+        _record_latents(run_dir, data.latents, resume)
     config = sit_config(
         recipe, num_classes=data.num_classes, cls_dim=encoders[0].dim if reg is not None else 0
     )
@@ -487,9 +593,9 @@ def _train(recipe, run_dir, mesh, changed, lead, resume, progress, stop_after, c
         keep=recipe.train.keep_checkpoints,
         keep_every=recipe.train.keep_every,
     )
-    start, data_state = 0, None
+    start, start_meta = 0, {}
     if resume:
-        start, state, data_state = _restore(checkpointer, state, state_sh, run_dir, console)
+        start, state, start_meta = _restore(checkpointer, state, state_sh, run_dir, console)
         if lead:
             _record_resume(run_dir, start, changed)
     total = recipe.train.steps
@@ -525,6 +631,7 @@ def _train(recipe, run_dir, mesh, changed, lead, resume, progress, stop_after, c
         recipe.optim.ema_decay,
         recipe.train.precision,
         latent_scale=data.latent_scale,
+        latent_norm=data.latent_norm,
         objective=recipe.loss.objective,
         remat=recipe.train.remat,
         alignment=alignment_method(recipe),
@@ -533,17 +640,26 @@ def _train(recipe, run_dir, mesh, changed, lead, resume, progress, stop_after, c
         dispersive=dispersive_term(recipe, config),
         distillation=attention_distillation(recipe) if encoders else None,
         reg=reg,
+        cosine_coeff=recipe.loss.cosine_coeff,
+        nonfinite=recipe.train.nonfinite,
     )
     step_fn = make_train_step(
         optimizer, step_cfg, static_state, static_enc, shardings=(state_sh, batch_sh, repl)
     )
-    batches = _batches(recipe, data.source, start, data_state, batch_sh)
+    batches = _batches(recipe, data.source, start, start_meta.get("data"), batch_sh)
+    policy = recipe.train.nonfinite
+    # "skip": the skipped steps so far (kept with each checkpoint); summed on device.
+    skips = [int(start_meta.get("skipped_steps", 0))]
 
     saved = [start]
 
     def save(step: int, arrays) -> None:
         if step != saved[-1]:
             meta = {"step": step, "data": batches.state()}
+            if data.latents is not None:  # the latent space and statistics it was trained on
+                meta["latents"] = data.latents
+            if policy == "skip":
+                meta["skipped_steps"] = int(skips[0])
             checkpointer.save(step, eqx.combine(arrays, static_state), meta)
             saved.append(step)
 
@@ -559,7 +675,10 @@ def _train(recipe, run_dir, mesh, changed, lead, resume, progress, stop_after, c
 
     def log(step: int, metrics, speed: Callable[[int], dict] | None = None) -> dict[str, float]:
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for the step
-        if not all(np.isfinite(v) for v in values.values()):
+        if policy == "skip":  # a skipped step's losses are not logged; the state is unchanged
+            values = {k: v for k, v in values.items() if np.isfinite(v) and k != "skipped"}
+            values["skipped_steps"] = float(skips[0])
+        elif not all(np.isfinite(v) for v in values.values()):
             raise TrainingDiverged(
                 f"non-finite loss at step {step} ({values}); last good checkpoint: {last_good()}"
             )
@@ -569,6 +688,31 @@ def _train(recipe, run_dir, mesh, changed, lead, resume, progress, stop_after, c
             metrics_log.write(step, values)
         return values
 
+    def roll_back(failed: int, count: int, why: TrainingDiverged, arrays):
+        """Policy "rollback": (step, state arrays) of the last good checkpoint, its data
+        position restored and its key folded with `count` (the NaN is not replayed as it was)."""
+        checkpointer.wait()
+        like = eqx.combine(arrays, static_state)
+        report = lambda m: console.print(f"[yellow]{m}")  # noqa: E731
+        restored = checkpointer.restore_latest(like, state_sh, report=report)
+        if restored is None:
+            raise TrainingDiverged(f"{why} (train.nonfinite: no checkpoint to roll back to)")
+        step, state, meta = restored
+        key = jax.jit(lambda k: jax.random.fold_in(k, count), out_shardings=repl)(state.key)
+        state = eqx.tree_at(lambda s: s.key, state, key)
+        batches.restore(meta["data"])
+        saved.append(step)
+        if lead:
+            metrics_log.truncate_after(step)
+            _record_rollback(
+                run_dir, {"step": failed, "restored": step, "rollback": count, "reason": str(why)}
+            )
+        console.print(
+            f"[yellow]non-finite at step {failed}: rolled back to checkpoint {step} ({count} of "
+            f"{recipe.train.max_rollbacks} rollbacks), with a fresh key"
+        )
+        return step, eqx.filter(state, eqx.is_array)
+
     end = total if stop_after is None else min(total, start + stop_after)
     last: dict[str, float] = {}
     bar = progress_bar("train", console=console, disable=not (progress and lead), bar_width=12)
@@ -577,38 +721,57 @@ def _train(recipe, run_dir, mesh, changed, lead, resume, progress, stop_after, c
     try:
         with bar:
             task = bar.add_task("train", total=total, completed=start, rate="", info="")
-            for step in range(start, end):
-                batch = next(batches)
-                state_arrays, metrics = step_fn(state_arrays, batch, enc_arrays)
-                completed = done = step + 1
-                unlogged = (done, metrics)
-                if done % recipe.train.log_every == 0 or done == end:
-                    values = log(done, metrics, speed)
-                    unlogged = None
-                    last = values
-                    rate = values["steps_per_s"]
-                    bar.update(task, rate=f"{rate:.2f} it/s", info=_log_line(values))
-                bar.update(task, completed=done)
-                if done % recipe.train.checkpoint_every == 0 or done == total:
-                    try:
-                        save(done, state_arrays)
-                    except NonFiniteState as e:
+            step, rollbacks = start, 0
+            while step < end:
+                try:
+                    batch = next(batches)
+                    state_arrays, metrics = step_fn(state_arrays, batch, enc_arrays)
+                    completed = done = step + 1
+                    if policy == "skip":
+                        skips[0] = skips[0] + metrics["skipped"]  # on device: no wait
+                    unlogged = (done, metrics)
+                    if done % recipe.train.log_every == 0 or done == end:
+                        values = log(done, metrics, speed)
+                        unlogged = None
+                        last = values
+                        rate = values["steps_per_s"]
+                        bar.update(task, rate=f"{rate:.2f} it/s", info=_log_line(values))
+                    bar.update(task, completed=done)
+                    if done % recipe.train.checkpoint_every == 0 or done == total:
+                        try:
+                            save(done, state_arrays)
+                        except NonFiniteState as e:
+                            raise TrainingDiverged(
+                                f"{e}; last good checkpoint: {last_good()}"
+                            ) from None
+                    if done % recipe.train.sample_every == 0 or done == total:
+                        draw(done, ema_of(state_arrays))
+                        if lead:
+                            plot_metrics(metrics_log.path, run_dir / "loss.png")
+                            metrics_log.image("samples", run_dir / "samples.png", done)
+                    if monitor and (done % recipe.eval.every == 0 or done == total):
+                        scores = monitor(ema_of(state_arrays).sit, done)
+                        if lead:
+                            metrics_log.write(done, scores)
+                            plot_eval(metrics_log.path, run_dir / "eval.png")
+                        bar.console.print(
+                            f"eval @ {done}: "
+                            + ", ".join(f"{k} {v:.4g}" for k, v in scores.items())
+                        )
+                except TrainingDiverged as diverged:
+                    if policy != "rollback":
+                        raise
+                    if rollbacks == recipe.train.max_rollbacks:
                         raise TrainingDiverged(
-                            f"{e}; last good checkpoint: {last_good()}"
+                            f"{diverged} (after {rollbacks} rollbacks: train.max_rollbacks)"
                         ) from None
-                if done % recipe.train.sample_every == 0 or done == total:
-                    draw(done, ema_of(state_arrays))
-                    if lead:
-                        plot_metrics(metrics_log.path, run_dir / "loss.png")
-                        metrics_log.image("samples", run_dir / "samples.png", done)
-                if monitor and (done % recipe.eval.every == 0 or done == total):
-                    scores = monitor(ema_of(state_arrays).sit, done)
-                    if lead:
-                        metrics_log.write(done, scores)
-                        plot_eval(metrics_log.path, run_dir / "eval.png")
-                    bar.console.print(
-                        f"eval @ {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items())
-                    )
+                    rollbacks += 1
+                    step, state_arrays = roll_back(done, rollbacks, diverged, state_arrays)
+                    completed, unlogged = step, None
+                    speed = _Speed(step, recipe.data.batch_size)
+                    bar.update(task, completed=step)
+                    continue
+                step = done
             save(end, state_arrays)
     except BaseException as error:
         message = _keep_the_work(

@@ -87,6 +87,7 @@ class Monitor:
             spec.sample_steps,
             cfg_scale=spec.cfg_scale,
             path=recipe.loss.path,
+            shift=spec.shift,
         )
         self.card = self._card(dataset.name)
         if {"fd_mnist", "class_accuracy"} & set(self.metrics):

@@ -1,7 +1,8 @@
 """The training objective of one batch: noise the data, run the model, the denoising loss of
 the recipe's objective plus lambda (times the schedule's weight at this step) times the
 alignment method's loss, plus the terms the recipe adds: HASTE's attention distillation (also
-scheduled), REG's CLS-token flow loss, the dispersive loss.
+scheduled), REG's CLS-token flow loss, the dispersive loss, LightningDiT's cosine velocity
+loss.
 
 SiT's interpolant objective (`repa_objective`) and DiT's DDPM objective (`ddpm_objective`)
 share everything but the noising and the denoising loss."""
@@ -16,7 +17,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ..alignment import REG, REPA, AlignmentMethod, AttentionDistillation, Dispersive
 from ..diffusion import ddpm, interpolants
-from ..diffusion.losses import denoising_loss
+from ..diffusion.losses import cosine_loss, denoising_loss
 from ..model.repa import ModelOutputs, REPAModel
 
 
@@ -60,6 +61,8 @@ class Terms:
     dispersive: Dispersive | None = None
     distillation: AttentionDistillation | None = None
     reg: REG | None = None
+    # LightningDiT's cosine velocity term (interpolant objective), added as coeff * cos_loss.
+    cosine_coeff: float = 0.0
 
     @property
     def taps(self) -> tuple[int, ...]:
@@ -75,10 +78,12 @@ DEFAULT_TERMS = Terms()  # REPA, lambda 0.5
 
 def _terms(denoise, out: ModelOutputs, targets, teacher_attention, aux: dict, terms: Terms, weight):
     """denoising + weight(step) * (lambda * alignment + HASTE's attention term) + REG's CLS
-    term (in `aux` already) + the dispersive term, and the parts."""
+    term and the cosine term (in `aux` already) + the dispersive term, and the parts."""
     total = denoise
     if "cls_loss" in aux:
         total = total + terms.reg.coeff * aux["cls_loss"]
+    if "cos_loss" in aux:
+        total = total + terms.cosine_coeff * aux["cos_loss"]
     align_coeff = terms.proj_coeff if weight is None else terms.proj_coeff * weight
     if targets:
         method = terms.alignment
@@ -133,6 +138,8 @@ def repa_objective(
     )  # fmt: skip
     denoise = denoising_loss(out.output, v_target)
     aux = {} if cls_target is None else {"cls_loss": denoising_loss(out.cls, cls_target)}
+    if terms.cosine_coeff != 0:
+        aux["cos_loss"] = cosine_loss(out.output, v_target)
     return _terms(denoise, out, targets, teacher_attention, aux, terms, align_weight)
 
 

@@ -113,6 +113,7 @@ class LossSpec:
     # the learned variance); path and weighting do not apply. REPA adds to either.
     objective: Literal["interpolant", "ddpm"] = "interpolant"
     path: Literal["linear", "cosine"] = "linear"
+    # "lognormal" on the linear path is LightningDiT's use_lognorm (t = sigmoid(N(0, 1))).
     weighting: Literal["uniform", "lognormal"] = "uniform"
     proj_coeff: float = 0.5
     # The alignment method (one of `alignment.METHODS`): "repa" or "irepa" (settings below).
@@ -126,6 +127,10 @@ class LossSpec:
     dispersive: DispersiveSpec | None = None
     # REG's CLS token, off unless this table is given.
     reg: RegSpec | None = None
+    # LightningDiT's cosine term (`use_cosine_loss`, which adds it with weight 1): coeff * the
+    # mean of 1 - cos(v_pred, v_target) over the channels at each position (metric cos_loss).
+    # 0: off. Interpolant objective only.
+    cosine_coeff: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,9 +155,20 @@ class DataSpec:
     batch_size: int = 256
     # Compute the encoders' target features once per dataset and cache them (pixel datasets).
     precompute_features: bool = False
+    # The latent space the recipe trains in, named by a VAE (Hub id or local folder) of it;
+    # the shards at `path` must hold it (VAEs sharing a space: spaces.SHARED_SPACES, e.g.
+    # sd-vae-ft-mse and sd-vae-ft-ema), and so must `vae`. Unset: the shards' space, unchecked.
+    latent_space: str | None = None
+    # How latents become the model's input: "scale" z * the VAE's scaling_factor (SD-VAE,
+    # REPA); "dataset" (z - mean_c) / std_c * latent_multiplier with the shards' channel-wise
+    # statistics (manifest latent_stats; LightningDiT, REPA-E); "published" the same with the
+    # VAE config's latents_mean / latents_std.
+    latent_norm: Literal["scale", "dataset", "published"] = "scale"
+    latent_multiplier: float = 1.0
     # The VAE that decodes latents for the periodic sample grids (imagenet-latents); the paper
-    # encodes with sd-vae-ft-mse and decodes for evaluation with sd-vae-ft-ema.
-    vae: str = "stabilityai/sd-vae-ft-ema"
+    # encodes with sd-vae-ft-mse and decodes for evaluation with sd-vae-ft-ema. Unset: the
+    # space's default decoder (sd-vae-ft-ema for SD-VAE latents, else the encoding VAE).
+    vae: str | None = None
     # grain: host threads loading batches, and how many batches they keep ready.
     num_threads: int = 2
     prefetch: int = 4
@@ -178,6 +194,16 @@ class TrainSpec:
     sample_steps: int = 50
     # Classifier-free guidance scale for the periodic grids (1.0: none).
     sample_cfg: float = 1.0
+    # The grids' ODE timestep shift (LightningDiT's timestep_shift; 1.0: equal steps).
+    sample_shift: float = 1.0
+    # A step whose loss or gradient norm is NaN or Inf: "stop" ends the run naming the last
+    # good checkpoint; "skip" leaves weights, optimiser state and EMA as they were (in the
+    # jitted step; the metric skipped_steps counts them, kept with the checkpoints); "rollback"
+    # restores the last checkpoint and its data position and goes on with a fresh key, at most
+    # max_rollbacks times in one `repa train` (then as "stop"; each in RUN/rollbacks.jsonl).
+    # "stop" and "rollback" see a non-finite step at the next log or checkpoint step.
+    nonfinite: Literal["stop", "skip", "rollback"] = "stop"
+    max_rollbacks: int = 3
     num_samples: int = 64
 
 
@@ -197,6 +223,7 @@ class EvalSpec:
     num_samples: int = 1000
     sample_steps: int = 50
     cfg_scale: float = 1.0
+    shift: float = 1.0  # the ODE's timestep shift (LightningDiT's timestep_shift; 1.0: none)
     num_real: int = 2000
     fd_dinov2_id: str = "facebook/dinov2-large"
     fd_dinov2_resolution: int = 224
@@ -328,10 +355,21 @@ def _check(recipe: Recipe) -> None:
             raise RecipeError(f"recipe key '{key}' must be positive, got {value}")
     if recipe.eval.every < 0 or recipe.eval.num_samples <= 0 or recipe.eval.num_real < 10:
         raise RecipeError("recipe section 'eval': every >= 0, num_samples > 0, num_real >= 10")
+    if recipe.train.max_rollbacks < 0:
+        raise RecipeError(
+            f"recipe key 'train.max_rollbacks' must be >= 0, got {recipe.train.max_rollbacks}"
+        )
     if recipe.train.keep_every < 0 or recipe.data.prefetch < 0:
         raise RecipeError("recipe keys 'train.keep_every' and 'data.prefetch' must be >= 0")
     if recipe.mesh.data < 1 and recipe.mesh.data != -1:
         raise RecipeError(f"recipe key 'mesh.data' must be >= 1 or -1, got {recipe.mesh.data}")
+    for key, shift in (("train.sample_shift", recipe.train.sample_shift),
+                       ("eval.shift", recipe.eval.shift)):  # fmt: skip
+        if not shift > 0 or (shift != 1 and recipe.loss.objective == "ddpm"):
+            raise RecipeError(
+                f"recipe key '{key}' must be > 0 (1: none), and 1 for loss.objective 'ddpm' "
+                f"(it shifts the ODE's grid), got {shift}"
+            )
     if not 0 <= recipe.eval.t <= 1:
         raise RecipeError("recipe key 'eval.t' must be in [0, 1]")
     if not 0 <= recipe.model.class_dropout_prob < 1:
@@ -347,6 +385,22 @@ def _check(recipe: Recipe) -> None:
         )
     if recipe.data.dataset == "imagenet-latents" and not recipe.data.path:
         raise RecipeError("recipe key 'data.path' is required for dataset 'imagenet-latents'")
+    if recipe.data.dataset != "imagenet-latents" and (
+        recipe.data.latent_space is not None or recipe.data.latent_norm != "scale"
+    ):
+        raise RecipeError(
+            f"recipe keys 'data.latent_space' and 'data.latent_norm' are for latent datasets "
+            f"('imagenet-latents'); {recipe.data.dataset!r} is in pixel space"
+        )
+    if recipe.data.latent_norm == "scale" and recipe.data.latent_multiplier != 1.0:
+        raise RecipeError(
+            "recipe key 'data.latent_multiplier' applies to data.latent_norm 'dataset' or "
+            "'published' (with 'scale' the VAE's scaling_factor is the multiplier)"
+        )
+    if not recipe.data.latent_multiplier > 0:
+        raise RecipeError(
+            f"recipe key 'data.latent_multiplier' must be > 0, got {recipe.data.latent_multiplier}"
+        )
     if recipe.loss.alignment not in METHODS:
         raise RecipeError(
             f"recipe key 'loss.alignment' must be one of {sorted(METHODS)}, "
@@ -411,6 +465,13 @@ def _check(recipe: Recipe) -> None:
             why = f"coeff must be >= 0, got {reg.coeff}"
         if why:
             raise RecipeError(f"recipe section 'loss.reg' {why}")
+    if recipe.loss.cosine_coeff < 0 or (
+        recipe.loss.cosine_coeff and recipe.loss.objective != "interpolant"
+    ):
+        raise RecipeError(
+            "recipe key 'loss.cosine_coeff' must be >= 0, and is for loss.objective "
+            f"'interpolant' only; got {recipe.loss.cosine_coeff} with {recipe.loss.objective!r}"
+        )
     disp = recipe.loss.dispersive
     if disp is not None:
         depth = sit_config(recipe).depth

@@ -1,5 +1,11 @@
 """The jitted training step: forward, gradients, AdamW with grad-norm clipping, and the EMA
-update of every trained parameter (the alignment heads included)."""
+update of every trained parameter (the alignment heads included).
+
+With the non-finite policy "skip" (recipe key train.nonfinite) a step whose loss or gradient
+norm is NaN or Inf changes neither the weights, the optimiser state (its update count
+included) nor the EMA; the step counter and the key advance (the step counts batches drawn:
+the data position, the alignment schedule and the checkpoint names follow it), and the metric
+`skipped` is 1. Under the other policies the step holds no such guard."""
 
 import dataclasses
 import functools
@@ -21,7 +27,7 @@ from ..alignment import (
 )
 from ..model.repa import REPAModel
 from ..model.sit import SiTConfig
-from ..spaces import SDVAELatents
+from ..spaces import LatentNorm, SDVAELatents, VAELatents
 from .objective import Terms, ddpm_objective, repa_objective
 from .precision import resolve_precision
 from .recipe import Recipe
@@ -69,6 +75,8 @@ class StepConfig:
     precision: str  # "fp32", "bf16" or "auto" (training.precision)
     # imagenet-latents: z = (mean + std * eps) * latent_scale, sampled in the step.
     latent_scale: float = 0.18215
+    # Or channel-wise: z_norm = (z - mean_c) / std_c * multiplier (recipe key data.latent_norm).
+    latent_norm: LatentNorm | None = None
     objective: str = "interpolant"  # or "ddpm" (recipe key loss.objective)
     remat: str = "dots"  # what the SiT blocks keep for the backward pass (model.sit.REMAT_POLICIES)
     alignment: AlignmentMethod = REPA()  # the alignment method (recipe key loss.alignment)
@@ -78,10 +86,19 @@ class StepConfig:
     dispersive: Dispersive | None = None  # recipe section loss.dispersive
     distillation: AttentionDistillation | None = None  # recipe section loss.haste
     reg: REG | None = None  # recipe section loss.reg (the targets then start with the CLS)
+    cosine_coeff: float = 0.0  # recipe key loss.cosine_coeff (LightningDiT's cosine term)
+    nonfinite: str = "stop"  # recipe key train.nonfinite: "skip" guards the update in the step
 
     @property
     def terms(self) -> Terms:
-        return Terms(self.alignment, self.proj_coeff, self.dispersive, self.distillation, self.reg)
+        return Terms(
+            self.alignment,
+            self.proj_coeff,
+            self.dispersive,
+            self.distillation,
+            self.reg,
+            cosine_coeff=self.cosine_coeff,
+        )
 
     def objective_fn(self) -> Callable:
         """`(model, x, y, targets, key, *, terms, compute_dtype, remat, align_weight,
@@ -101,15 +118,18 @@ def make_train_step(
     """A jitted `(state_arrays, batch, encoder_arrays) -> (state_arrays, metrics)`.
 
     The state's buffers are donated. `batch` holds `y` and either `x` (the model's input) or
-    `moments` (SD-VAE posterior mean and std, sampled here on device), plus either `features`
-    (a tuple, one array per encoder, precomputed) or `image` (uint8, for the frozen encoders
-    in-step). `shardings` = (state, batch, replicated) places everything on a mesh.
+    `moments` (a VAE's posterior mean and std, sampled and normalised here on device), plus
+    either `features` (a tuple, one array per encoder, precomputed) or `image` (uint8, for the
+    frozen encoders in-step). `shardings` = (state, batch, replicated) places everything on a mesh.
     """
     precision, _ = resolve_precision(step_cfg.precision)  # "auto": what the hardware runs best
     compute_dtype = jnp.bfloat16 if precision == "bf16" else jnp.float32
     objective = step_cfg.objective_fn()
     terms = step_cfg.terms
-    latents = SDVAELatents(scale=step_cfg.latent_scale)
+    if step_cfg.latent_norm is None:
+        latents = SDVAELatents(scale=step_cfg.latent_scale)
+    else:
+        latents = VAELatents(step_cfg.latent_norm)
 
     def step(state_arrays, batch, encoder_arrays):
         state: TrainState = eqx.combine(state_arrays, static_state)
@@ -155,11 +175,19 @@ def make_train_step(
             )
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        grad_norm = optax.tree.norm(grads)
+        old = (params, state.opt_state, eqx.filter(state.ema, eqx.is_inexact_array))
         updates, opt_state = optimizer.update(grads, state.opt_state, params)
         params = optax.apply_updates(params, updates)
-        ema_params = optax.incremental_update(
-            params, eqx.filter(state.ema, eqx.is_inexact_array), 1.0 - step_cfg.ema_decay
-        )
+        ema_params = optax.incremental_update(params, old[2], 1.0 - step_cfg.ema_decay)
+        if step_cfg.nonfinite == "skip":
+            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            params, opt_state, ema_params = jax.tree.map(
+                lambda new, kept: jnp.where(finite, new, kept),
+                (params, opt_state, ema_params),
+                old,
+            )
+            aux["skipped"] = jnp.logical_not(finite).astype(jnp.int32)
         new_state = TrainState(
             eqx.combine(params, static_model),
             eqx.combine(ema_params, static_model),
@@ -167,7 +195,7 @@ def make_train_step(
             state.step + 1,
             key,
         )
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
+        metrics = {"loss": loss, "grad_norm": grad_norm, **aux}
         return eqx.filter(new_state, eqx.is_array), metrics
 
     if shardings is None:
