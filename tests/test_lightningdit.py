@@ -287,6 +287,16 @@ def test_checkpoint_file_torch_free(tmp_path, monkeypatch, layout):
             load_lightningdit(path, data_at_t1="no")
 
 
+def _hub_snapshot(hub: Path, repo: str, name: str) -> Path:
+    """An offline Hub cache entry of `repo` at one commit: the folder `name` goes in."""
+    commit = "3" * 40
+    cached = hub / ("models--" + repo.replace("/", "--"))
+    (cached / "refs").mkdir(parents=True)
+    (cached / "refs" / "main").write_text(commit)
+    (cached / "snapshots" / commit).mkdir(parents=True)
+    return cached / "snapshots" / commit / name
+
+
 def test_released_id_offline(tmp_path, monkeypatch):
     """`repa convert hustvl/lightningdit-xl-imagenet256-800ep`: from the Hub cache offline;
     not downloaded, one line naming it."""
@@ -302,15 +312,9 @@ def test_released_id_offline(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["convert", repo])
     assert result.exit_code == 1 and repo in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1
-    commit = "2" * 40
-    cached = tmp_path / "hub" / "models--hustvl--lightningdit-xl-imagenet256-800ep"
-    (cached / "refs").mkdir(parents=True)
-    (cached / "refs" / "main").write_text(commit)
-    (cached / "snapshots" / commit).mkdir(parents=True)
     model = _torch_model(SWITCHES["released"])
-    _save_checkpoint(
-        cached / "snapshots" / commit / "lightningdit-xl-imagenet256-800ep.pt", model, "bare"
-    )
+    file = _hub_snapshot(tmp_path / "hub", repo, "lightningdit-xl-imagenet256-800ep.pt")
+    _save_checkpoint(file, model, "bare")
     result = CliRunner().invoke(app, ["convert", repo])
     assert result.exit_code == 0 and result.output.startswith(f"lightningdit from {repo}")
     folder = convert(repo)
@@ -415,3 +419,33 @@ def test_full_size_xl1_names_and_shapes():
     assert ours | frozen == theirs
     count = sum(int(np.prod(s)) for s in ours.values())
     assert 670e6 < count < 680e6, count  # the paper's 675M
+
+
+def test_sample_from_the_released_id_offline(tmp_path, monkeypatch):
+    """`repa sample --from-hub hustvl/lightningdit-xl-imagenet256-800ep`: the .pt from the
+    Hub cache, its samples VA-VAE f16d32 latents with the VAE's published statistics."""
+    from huggingface_hub import constants
+
+    from repa_eqx.runs import find_model
+    from repa_eqx.runs.load import LIGHTNINGDIT_VAE
+
+    monkeypatch.setenv("REPA_EQX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo = "hustvl/lightningdit-xl-imagenet256-800ep"
+    torch.manual_seed(0)
+    model = tl.LightningDiT(
+        input_size=4, in_channels=32, hidden_size=32, depth=1, num_heads=2, num_classes=10,
+        use_swiglu=True, use_rmsnorm=True, use_rope=True,
+    )  # fmt: skip
+    weights = _hub_snapshot(tmp_path / "hub", repo, "lightningdit-xl-imagenet256-800ep.pt")
+    torch.save(model.state_dict(), weights)
+    stats = _hub_snapshot(tmp_path / "hub", LIGHTNINGDIT_VAE, "latents_stats.pt")
+    mean, std = torch.linspace(-1, 1, 32).view(1, 32, 1, 1), torch.linspace(1, 2, 32)
+    torch.save({"mean": mean, "std": std.view(1, 32, 1, 1)}, stats)
+    sampling = find_model(from_hub=repo)
+    assert sampling.sit.config.data_at_t1 and sampling.sit.config.in_channels == 32
+    latents = sampling.latents
+    assert latents["decoder"] == LIGHTNINGDIT_VAE and latents["stats"]["multiplier"] == 1.0
+    np.testing.assert_allclose(latents["stats"]["mean"], mean.ravel().numpy(), rtol=1e-6)
+    np.testing.assert_allclose(latents["stats"]["std"], std.numpy(), rtol=1e-6)
