@@ -231,6 +231,7 @@ def _torch_reference(args: dict, seed: int, reg: bool = False):
     p, channels, grid = 2, 4, args["resolution"] // 8 // 2
     z_dims = [{"s": 384, "b": 768}[e[-1]] for e in args["enc_type"].split(",")]
     width = args["projector_dim"]
+    qk_norm = bool(args.get("qk_norm"))
 
     def sincos(dim: int, grid: int):
         """MAE table: the first half of the features encodes the column, the second the row;
@@ -263,6 +264,9 @@ def _torch_reference(args: dict, seed: int, reg: bool = False):
         def __init__(self):
             super().__init__()
             self.attn = namespace(qkv=nn.Linear(h, 3 * h), proj=nn.Linear(h, h))
+            if qk_norm:  # timm's Attention(qk_norm=True): torch's default LayerNorm per head
+                self.attn.add_module("q_norm", nn.LayerNorm(h // heads))
+                self.attn.add_module("k_norm", nn.LayerNorm(h // heads))
             self.mlp = namespace(fc1=nn.Linear(h, 4 * h), fc2=nn.Linear(4 * h, h))
             self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(h, 6 * h))
 
@@ -272,6 +276,8 @@ def _torch_reference(args: dict, seed: int, reg: bool = False):
             a = layer_norm(x) * (1 + scale_a) + shift_a
             n, tokens, _ = a.shape
             q, k_, v = self.attn.qkv(a).view(n, tokens, 3, heads, h // heads).permute(2, 0, 3, 1, 4)
+            if qk_norm:
+                q, k_ = self.attn.q_norm(q), self.attn.k_norm(k_)
             # HASTE's Attention (its sit.py): the logits it distils, beside the fused attention.
             self.attn_logits = (q * (h // heads) ** -0.5) @ k_.transpose(-2, -1)
             a = F.scaled_dot_product_attention(q, k_, v).transpose(1, 2).reshape(n, tokens, h)
@@ -388,6 +394,22 @@ def test_official_checkpoint_matches_the_reference(tmp_path):
     np.testing.assert_allclose(_forward(model, x, t, y)[0], v_ref, rtol=0, atol=1e-4)
 
 
+def test_qk_norm_checkpoint_matches_the_reference(tmp_path):
+    """REPA's --qk-norm: timm's per-head LayerNorms of q and k (our `qk_norm` switch)."""
+    torch = pytest.importorskip("torch")
+    args = PARITY_ARGS | {"qk_norm": True}
+    reference = _torch_reference(args, seed=5)
+    path = tmp_path / "qk.pt"
+    torch.save({"ema": reference.state_dict(), "args": argparse.Namespace(**args)}, path)
+    model, _ = load_official(path)
+    assert model.sit.config.qk_norm and model.sit.config.norm == "layernorm"
+    x, t, y = _inputs(model.sit.config)
+    v, _ = _forward(model, x, t, y)
+    v_ref, _ = _reference_outputs(reference, x, t, y)
+    assert np.abs(v_ref).max() > 0.5
+    np.testing.assert_allclose(v, v_ref, rtol=0, atol=1e-4)
+
+
 def test_sit_attention_logits_match_hastes_reference():
     """The attention logits `SiT.forward(attention=...)` returns for HASTE are the reference
     blocks' (q * head_dim^-0.5) @ k^T, and asking for them leaves every output unchanged."""
@@ -428,7 +450,7 @@ def test_bare_state_dict_needs_args_and_pos_embed_is_checked(tmp_path):
     assert info.weights == "state_dict" and info.steps is None
     with pytest.raises(ConfigError, match="unknown args fields"):
         load_official(path, modle="SiT-S/2", **overrides)
-    with pytest.raises(ValueError, match="qk-norm"):
+    with pytest.raises(WeightsMismatch, match="missing: blocks.0.attn.q_norm.weight"):
         load_official(path, qk_norm=True, **PARITY_ARGS)
 
     # The EMA of the frozen table drifts by fp32 rounding (~1e-4): accepted and reported.

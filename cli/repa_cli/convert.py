@@ -13,8 +13,9 @@ def convert(
         str,
         typer.Argument(
             help="Hub id (facebook/dinov2-base, stabilityai/sd-vae-ft-ema, "
-            "hustvl/vavae-imagenet256-f16d32-dinov2, REPA-E/e2e-vavae, ...), a local folder "
-            "in the Hub layout, an official REPA checkpoint file (.pt) or an LDM VAE .pt"
+            "hustvl/vavae-imagenet256-f16d32-dinov2, REPA-E/e2e-vavae, "
+            "hustvl/lightningdit-xl-imagenet256-800ep, ...), a local folder in the Hub layout, "
+            "an official REPA or LightningDiT checkpoint file (.pt) or an LDM VAE .pt"
         ),
     ],
     revision: Annotated[str | None, typer.Option(help="Hub branch, tag or commit")] = None,

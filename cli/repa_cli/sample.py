@@ -40,8 +40,8 @@ def sample(
         Path | None,
         typer.Option(
             help="A run directory, one checkpoint RUN/checkpoints/STEP, an official REPA .pt "
-            "file, or a DiT one (DiT-XL-2-256x256.pt). Default: the most recent run under "
-            "--runs-dir."
+            "file, a DiT one (DiT-XL-2-256x256.pt) or a LightningDiT one. Default: the most "
+            "recent run under --runs-dir."
         ),
     ] = None,
     from_hub: Annotated[
@@ -49,7 +49,8 @@ def sample(
         typer.Option(
             "--from-hub",
             help="A Hub repository: a model published with `repa push-to-hub`, or one holding "
-            "an official REPA .pt file",
+            "an official REPA .pt file or a LightningDiT one "
+            "(hustvl/lightningdit-xl-imagenet256-800ep)",
         ),
     ] = None,
     revision: Annotated[str | None, typer.Option(help="Hub revision for --from-hub")] = None,

@@ -4,12 +4,18 @@ The same network is DiT (Peebles & Xie 2023) with `learn_sigma`: its output has 
 channels (the noise, then the variance interpolation of `diffusion/ddpm.py`) and it is fed the
 integer DDPM timestep 0..999 instead of t in [0, 1]. "DiT-XL/2" names set `learn_sigma`.
 
+LightningDiT (Yao et al. 2025, hustvl/LightningDiT) is the same network with switches of the
+config (`mlp`, `norm`, `rope`, `qk_norm`, `wo_shift`); "LightningDiT-XL/1" names set the ones its
+released models use. Its checkpoints were trained on SiT's original time (t = 1 at the data):
+`data_at_t1` feeds such a network 1 - t and negates its velocity, so callers see REPA's time.
+
 One unbatched example per call; callers `jax.vmap`. The transformer blocks are one stacked
 pytree run with `lax.scan`, split at `encoder_depth` so the hidden state REPA aligns comes out
 without keeping every layer's activations.
 """
 
 import dataclasses
+import functools
 import math
 import re
 from typing import NamedTuple
@@ -27,13 +33,27 @@ from ..nn.layers import (
     layer_norm,
     multihead_attention,
     normal_linear,
+    rms_norm,
     xavier_linear,
 )
 
-# name -> (depth, hidden size, heads); REPA aligns after block 4 (S, B) or 8 (L, XL).
-SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
-ENCODER_DEPTHS = {"S": 4, "B": 4, "L": 8, "XL": 8}
+# name -> (depth, hidden size, heads); REPA aligns after block 4 (S, B) or 8 (L, XL and
+# LightningDiT's 1.0B and 1.6B sizes).
+SIZES = {
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),
+    "1p0B": (24, 1536, 24),
+    "1p6B": (28, 1792, 28),
+}
+ENCODER_DEPTHS = {"S": 4, "B": 4, "L": 8, "XL": 8, "1p0B": 8, "1p6B": 8}
+# The switches a "LightningDiT-*" name turns on: those of its released XL/1 models.
+LIGHTNINGDIT = {"mlp": "swiglu", "norm": "rmsnorm", "rope": True}
+MLPS = ("gelu", "swiglu")
+NORMS = ("layernorm", "rmsnorm")
 _LN_EPS = 1e-6
+_QK_LN_EPS = 1e-5  # LightningDiT's q/k LayerNorm is torch's default nn.LayerNorm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +72,19 @@ class SiTConfig:
     # REG (Wu et al. 2025): the width of the teacher's CLS token that enters as one extra
     # token in front of the patches and whose velocity the SiT predicts too; 0: no such token.
     cls_dim: int = 0
+    # LightningDiT's switches (defaults: SiT). "swiglu": a SiLU-gated MLP of hidden width
+    # int(2/3 * int(mlp_ratio * hidden)); "rmsnorm": affine RMSNorms (eps 1e-6) for the block,
+    # final and q/k norms; `rope`: EVA's 2-D rotary embedding of q and k per head (the
+    # sin-cos table is still added); `qk_norm`: q and k normalised per head (LayerNorm, or
+    # RMSNorm with "rmsnorm"), before the rotation; `wo_shift`: block adaLN without shifts.
+    mlp: str = "gelu"
+    norm: str = "layernorm"
+    rope: bool = False
+    qk_norm: bool = False
+    wo_shift: bool = False
+    # Trained on SiT's original time (t = 1 at the data, velocity towards it): fed 1 - t,
+    # its output negated, so it answers in REPA's time like every SiT here.
+    data_at_t1: bool = False
 
     def __post_init__(self):
         if self.input_size % self.patch_size:
@@ -66,6 +99,18 @@ class SiTConfig:
             raise ConfigError(f"encoder_depth {self.encoder_depth} not in [1, depth={self.depth}]")
         if self.cls_dim < 0 or (self.cls_dim and self.learn_sigma):
             raise ConfigError(f"cls_dim {self.cls_dim}: REG's CLS token is for SiTs (>= 0)")
+        if self.mlp not in MLPS:
+            raise ConfigError(f"mlp {self.mlp!r}: choose from {MLPS}")
+        if self.norm not in NORMS:
+            raise ConfigError(f"norm {self.norm!r}: choose from {NORMS}")
+        if self.rope and (self.hidden_size // self.num_heads) % 4:
+            raise ConfigError(
+                f"rope needs a head dim divisible by 4, got {self.hidden_size // self.num_heads}"
+            )
+        if self.rope and self.cls_dim:
+            raise ConfigError("rope rotates the patch grid: it has no place for REG's CLS token")
+        if self.data_at_t1 and (self.learn_sigma or self.cls_dim):
+            raise ConfigError("data_at_t1 is for velocity SiTs, not DiTs or REG's")
 
     @property
     def grid_size(self) -> int:
@@ -80,14 +125,26 @@ class SiTConfig:
     def out_channels(self) -> int:
         return 2 * self.in_channels if self.learn_sigma else self.in_channels
 
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        """The MLP's hidden width (SwiGLU: of each of its two halves), LightningDiT's rule."""
+        width = int(self.hidden_size * self.mlp_ratio)
+        return int(2 / 3 * width) if self.mlp == "swiglu" else width
+
     @classmethod
     def from_name(cls, name: str, **overrides) -> "SiTConfig":
         """`SiTConfig.from_name("SiT-B/2", in_channels=4, input_size=32)`; "DiT-B/2" is the
-        same shape with `learn_sigma=True`."""
-        match = re.fullmatch(r"(SiT|DiT)-(S|B|L|XL)/(2|4|8)", name)
+        same shape with `learn_sigma=True`; "LightningDiT-XL/1" has the `LIGHTNINGDIT`
+        switches on (sizes also 1p0B, 1p6B)."""
+        match = re.fullmatch(r"(SiT|DiT|LightningDiT)-(S|B|L|XL|1p0B|1p6B)/(1|2|4|8)", name)
         if match is None:
             raise ConfigError(
-                f"unknown model name {name!r}: expected SiT-{{S,B,L,XL}}/{{2,4,8}} or DiT-..."
+                f"unknown model name {name!r}: expected SiT-{{S,B,L,XL}}/{{1,2,4,8}}, DiT-... "
+                "or LightningDiT-{S,B,L,XL,1p0B,1p6B}/{1,2,4,8}"
             )
         family, size, patch = match.groups()
         depth, hidden, heads = SIZES[size]
@@ -99,6 +156,8 @@ class SiTConfig:
             encoder_depth=ENCODER_DEPTHS[size],
             learn_sigma=family == "DiT",
         )
+        if family == "LightningDiT":
+            base |= LIGHTNINGDIT
         return cls(**(base | overrides))
 
 
@@ -125,28 +184,108 @@ def timestep_frequencies(t: Float[Array, ""], dim: int = 256, max_period: float 
 
 
 def modulate(x, shift, scale):
-    return x * (1 + scale) + shift
+    return x * (1 + scale) if shift is None else x * (1 + scale) + shift
+
+
+@functools.cache
+def rope_tables(head_dim: int, grid: int) -> tuple[np.ndarray, np.ndarray]:
+    """LightningDiT's 2-D rotary embedding (EVA-02's VisionRotaryEmbeddingFast): cos and sin
+    tables (grid*grid, head_dim), tokens in row-major order. The first half of a head rotates
+    by the row index, the second by the column; within each half, pair (2i, 2i+1) turns at
+    frequency 10000^(-4i / head_dim). float32 like the reference's buffers."""
+    half = head_dim // 2
+    freqs = 1.0 / np.float32(10000) ** (np.arange(0, half, 2, dtype=np.float32) / half)
+    pos = np.arange(grid, dtype=np.float32) / grid * grid
+    angles = np.repeat(np.outer(pos, freqs).astype(np.float32), 2, axis=1)  # (grid, half)
+    rows = np.broadcast_to(angles[:, None, :], (grid, grid, half))
+    cols = np.broadcast_to(angles[None, :, :], (grid, grid, half))
+    table = np.concatenate([rows, cols], axis=-1).reshape(grid * grid, head_dim)
+    return np.cos(table), np.sin(table)
+
+
+def apply_rope(
+    x: Float[Array, "tokens heads hd"], cos: np.ndarray, sin: np.ndarray
+) -> Float[Array, "tokens heads hd"]:
+    """x * cos + rotate_half(x) * sin in float32, where rotate_half turns each pair
+    (x_2i, x_2i+1) into (-x_2i+1, x_2i)."""
+    x32 = x.astype(jnp.float32)
+    pairs = x32.reshape(*x.shape[:-1], -1, 2)
+    rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
+    out = x32 * jnp.asarray(cos)[:, None] + rotated * jnp.asarray(sin)[:, None]
+    return out.astype(x.dtype)
+
+
+class Norm(eqx.Module):
+    """An affine norm over the last axis, in float32: RMSNorm (no bias) or LayerNorm."""
+
+    weight: Float[Array, " dim"]
+    bias: Float[Array, " dim"] | None
+    eps: float = eqx.field(static=True)
+
+    def __init__(self, dim: int, kind: str, eps: float = _LN_EPS):
+        self.weight = jnp.ones(dim)
+        self.bias = jnp.zeros(dim) if kind == "layernorm" else None
+        self.eps = eps
+
+    def __call__(self, x: Float[Array, "*batch dim"]) -> Float[Array, "*batch dim"]:
+        if self.bias is None:
+            return rms_norm(x, self.eps, self.weight)
+        return layer_norm(x, self.eps, self.weight, self.bias)
+
+
+def _block_norm(x, norm: Norm | None):
+    """A block's pre-norm: SiT's LayerNorm without affine, or LightningDiT's RMSNorm."""
+    return layer_norm(x, _LN_EPS) if norm is None else norm(x)
 
 
 class SiTBlock(eqx.Module):
-    """adaLN-Zero block: LN -> modulate -> attention -> gate; LN -> modulate -> MLP -> gate."""
+    """adaLN-Zero block: LN -> modulate -> attention -> gate; LN -> modulate -> MLP -> gate.
+
+    With LightningDiT's switches (`SiTConfig`): RMSNorms, q/k norms, 2-D RoPE of q and k,
+    SwiGLU (`fc1` gives the gate half, then the value half; `fc2` maps back) and adaLN
+    without shifts."""
 
     qkv: eqx.nn.Linear
     proj: eqx.nn.Linear
     fc1: eqx.nn.Linear
     fc2: eqx.nn.Linear
     adaln: eqx.nn.Linear
+    norm1: Norm | None  # "rmsnorm" only; SiT's block norms have no parameters
+    norm2: Norm | None
+    q_norm: Norm | None  # qk_norm only
+    k_norm: Norm | None
     num_heads: int = eqx.field(static=True)
+    swiglu: bool = eqx.field(static=True)
+    rope_grid: int = eqx.field(static=True)  # 0: no RoPE
+    wo_shift: bool = eqx.field(static=True)
 
-    def __init__(self, hidden: int, num_heads: int, mlp_ratio: float, *, key: PRNGKeyArray):
+    def __init__(self, config: SiTConfig, *, key: PRNGKeyArray):
+        c = config
+        hidden, mlp_hidden = c.hidden_size, c.mlp_hidden
+        swiglu = c.mlp == "swiglu"
         k = jax.random.split(key, 5)
-        mlp_hidden = int(hidden * mlp_ratio)
         self.qkv = xavier_linear(hidden, 3 * hidden, key=k[0])
         self.proj = xavier_linear(hidden, hidden, key=k[1])
-        self.fc1 = xavier_linear(hidden, mlp_hidden, key=k[2])
+        self.fc1 = xavier_linear(hidden, (2 if swiglu else 1) * mlp_hidden, key=k[2])
         self.fc2 = xavier_linear(mlp_hidden, hidden, key=k[3])
-        self.adaln = xavier_linear(hidden, 6 * hidden, key=k[4], zero=True)
-        self.num_heads = num_heads
+        self.adaln = xavier_linear(hidden, (4 if c.wo_shift else 6) * hidden, key=k[4], zero=True)
+        rms = c.norm == "rmsnorm"
+        self.norm1 = Norm(hidden, c.norm) if rms else None
+        self.norm2 = Norm(hidden, c.norm) if rms else None
+        qk_eps = _LN_EPS if rms else _QK_LN_EPS
+        self.q_norm = Norm(c.head_dim, c.norm, qk_eps) if c.qk_norm else None
+        self.k_norm = Norm(c.head_dim, c.norm, qk_eps) if c.qk_norm else None
+        self.num_heads = c.num_heads
+        self.swiglu = swiglu
+        self.rope_grid = c.grid_size if c.rope else 0
+        self.wo_shift = c.wo_shift
+
+    def mlp(self, h: Float[Array, "tokens hidden"]) -> Float[Array, "tokens hidden"]:
+        h = dense(self.fc1, h)
+        if self.swiglu:
+            gate, value = jnp.split(h, 2, axis=-1)
+            return dense(self.fc2, jax.nn.silu(gate) * value)
+        return dense(self.fc2, jax.nn.gelu(h, approximate=True))
 
     def __call__(
         self, x: Float[Array, "tokens hidden"], c: Float[Array, " hidden"]
@@ -158,20 +297,28 @@ class SiTBlock(eqx.Module):
     ) -> tuple[Float[Array, "tokens hidden"], Float[Array, "heads tokens tokens"] | None]:
         """The block's output and (`logits`) its attention logits q.k / sqrt(head_dim) in
         float32, before the softmax: what HASTE distils."""
-        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(
-            dense(self.adaln, jax.nn.silu(c)), 6
-        )
+        modulation = dense(self.adaln, jax.nn.silu(c))
+        if self.wo_shift:
+            scale_a, gate_a, scale_m, gate_m = jnp.split(modulation, 4)
+            shift_a = shift_m = None
+        else:
+            shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(modulation, 6)
         tokens, hidden = x.shape
-        h = modulate(layer_norm(x, _LN_EPS), shift_a, scale_a)
-        q, k, v = jnp.split(dense(self.qkv, h).reshape(tokens, 3, self.num_heads, -1), 3, axis=1)
-        attn = multihead_attention(q[:, 0], k[:, 0], v[:, 0]).reshape(tokens, hidden)
+        h = modulate(_block_norm(x, self.norm1), shift_a, scale_a)
+        qkv = dense(self.qkv, h).reshape(tokens, 3, self.num_heads, -1)
+        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope_grid:
+            cos, sin = rope_tables(q.shape[-1], self.rope_grid)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        attn = multihead_attention(q, k, v).reshape(tokens, hidden)
         x = x + gate_a * dense(self.proj, attn)
-        h = modulate(layer_norm(x, _LN_EPS), shift_m, scale_m)
-        h = dense(self.fc2, jax.nn.gelu(dense(self.fc1, h), approximate=True))
+        h = self.mlp(modulate(_block_norm(x, self.norm2), shift_m, scale_m))
         if not logits:
             return x + gate_m * h, None
         scale = q.shape[-1] ** -0.5
-        lg = jnp.einsum("qhd,khd->hqk", q[:, 0], k[:, 0], preferred_element_type=jnp.float32)
+        lg = jnp.einsum("qhd,khd->hqk", q, k, preferred_element_type=jnp.float32)
         return x + gate_m * h, lg * scale
 
 
@@ -276,6 +423,7 @@ class SiT(eqx.Module):
     blocks: SiTBlock  # stacked: every array has a leading `depth` axis
     final_adaln: eqx.nn.Linear
     final_linear: eqx.nn.Linear
+    final_norm: Norm | None  # "rmsnorm" only
     cls_token: CLSToken | None  # REG only
     config: SiTConfig = eqx.field(static=True)
 
@@ -295,14 +443,15 @@ class SiT(eqx.Module):
         self.t_fc1 = normal_linear(256, c.hidden_size, key=k[1], std=0.02)
         self.t_fc2 = normal_linear(c.hidden_size, c.hidden_size, key=k[2], std=0.02)
         self.label_table = 0.02 * jax.random.normal(k[3], (c.num_classes + 1, c.hidden_size))
-        self.blocks = eqx.filter_vmap(
-            lambda kk: SiTBlock(c.hidden_size, c.num_heads, c.mlp_ratio, key=kk)
-        )(jax.random.split(k[4], c.depth))
+        self.blocks = eqx.filter_vmap(lambda kk: SiTBlock(c, key=kk))(
+            jax.random.split(k[4], c.depth)
+        )
         kf = jax.random.split(k[5])
         self.final_adaln = xavier_linear(c.hidden_size, 2 * c.hidden_size, key=kf[0], zero=True)
         self.final_linear = xavier_linear(
             c.hidden_size, c.patch_size**2 * c.out_channels, key=kf[1], zero=True
         )
+        self.final_norm = Norm(c.hidden_size, c.norm) if c.norm == "rmsnorm" else None
         # Its own key, so a SiT without the token is initialised as it always was.
         self.cls_token = (
             CLSToken(c.cls_dim, c.hidden_size, key=jax.random.fold_in(key, 7))
@@ -396,7 +545,7 @@ class SiT(eqx.Module):
         tokens = tokens + jnp.asarray(sincos_pos_embed_2d(cfg.hidden_size, cfg.grid_size), dtype)
         if self.cls_token is not None:  # its position row is zero
             tokens = jnp.concatenate([self.cls_token.token(cls, dtype)[None], tokens])
-        c = self.embed(t, y, key=key)
+        c = self.embed(1 - t if cfg.data_at_t1 else t, y, key=key)
 
         hidden, logits = {}, {}
         # Segment ends: each depth asked, and each attention block alone (its logits out).
@@ -412,12 +561,13 @@ class SiT(eqx.Module):
             hidden[end], done = tokens, end
 
         shift, scale = jnp.split(dense(self.final_adaln, jax.nn.silu(c)), 2)
-        final = modulate(layer_norm(tokens, _LN_EPS), shift, scale)
+        final = modulate(_block_norm(tokens, self.final_norm), shift, scale)
         cls_velocity = None
         if self.cls_token is not None:
             cls_velocity, final = dense(self.cls_token.out, final[0]), final[1:]
+        output = self.unpatchify(dense(self.final_linear, final))
         return SiTOutputs(
-            self.unpatchify(dense(self.final_linear, final)),
+            -output if cfg.data_at_t1 else output,
             tuple(hidden[k] for k in depths),
             tuple(logits[a] for a in attention),
             cls_velocity,

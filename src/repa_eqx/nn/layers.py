@@ -174,6 +174,17 @@ def layer_norm(
     return y.astype(x.dtype)
 
 
+def rms_norm(
+    x: Float[Array, "*batch dim"], eps: float, weight: Float[Array, " dim"] | None = None
+) -> Float[Array, "*batch dim"]:
+    """RMSNorm over the last axis, x / sqrt(mean(x^2) + eps) (* weight), in float32."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + eps)
+    if weight is not None:
+        y = y * weight.astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
 # The native kernel refuses matrix-vector products and tiny ones; below these sizes the
 # einsum path runs (bf16 products in float32 there cost nothing that matters).
 _LOWP_MIN_TOKENS = 8

@@ -21,6 +21,7 @@ from .dinov2 import Dinov2 as Dinov2
 from .dinov2 import Dinov2Config as Dinov2Config
 from .inception import InceptionV3 as InceptionV3
 from .inception import load_inception as load_inception
+from .lightningdit import load_lightningdit as load_lightningdit
 from .mae import Mae as Mae
 from .mae import MaeConfig as MaeConfig
 from .official import export_official as export_official

@@ -25,7 +25,7 @@ from safetensors.numpy import save_file
 
 from ..core.errors import ConfigError
 from ..model.repa import REPAModel
-from ..model.sit import SiTConfig, sincos_pos_embed_2d
+from ..model.sit import SiTConfig, rope_tables, sincos_pos_embed_2d
 from . import _cache
 from ._convert import Target, WeightsMismatch, fill
 from ._torch_pickle import UnreadableCheckpoint, read_pt
@@ -73,9 +73,10 @@ def official_config(args: Mapping[str, Any]) -> tuple[SiTConfig, tuple[int, ...]
     """(SiT config, projector output widths, projector width) that the reference's `args` build.
 
     Reads `model` ("SiT-XL/2"), `encoder_depth`, `resolution` (latent grid = resolution / 8),
-    `num_classes`, `qk_norm` (must be false), and `projector_embed_dims` ("768,1024") or else
-    `enc_type` ("dinov2-vit-b": the encoder's width). Our extensions `depth`, `hidden_size`,
-    `num_heads`, `in_channels` and `projector_dim` describe models outside the named sizes.
+    `num_classes`, `qk_norm` (timm's q/k LayerNorms), and `projector_embed_dims`
+    ("768,1024") or else `enc_type` ("dinov2-vit-b": the encoder's width). Our extensions
+    `depth`, `hidden_size`, `num_heads`, `in_channels` and `projector_dim` describe models
+    outside the named sizes.
     The label dropout is the reference SiT's fixed 0.1 (its `cfg_prob` only matters for the
     `legacy` double dropout in training).
     """
@@ -90,8 +91,6 @@ def official_config(args: Mapping[str, Any]) -> tuple[SiTConfig, tuple[int, ...]
             "projector_embed_dims='768')"
         )
     args = _ARGS_DEFAULTS | given
-    if args["qk_norm"]:
-        raise ConfigError("qk_norm=True checkpoints are not supported: our SiT has no qk-norm")
     if args["resolution"] % _VAE_FACTOR:
         raise ConfigError(f"resolution {args['resolution']} is not a multiple of {_VAE_FACTOR}")
     sizes = {
@@ -103,6 +102,7 @@ def official_config(args: Mapping[str, Any]) -> tuple[SiTConfig, tuple[int, ...]
         num_classes=int(args["num_classes"]),
         encoder_depth=int(args["encoder_depth"]),
         cls_dim=int(args.get(_REG_FIELD) or 0),
+        qk_norm=bool(args["qk_norm"]),  # timm's per-head LayerNorms, our `qk_norm`
         **sizes,
     )
     return config, _z_dims(args), int(args.get("projector_dim", 2048))
@@ -131,11 +131,23 @@ def _linear(names: str | list[str], where) -> list[Target]:
     ]
 
 
+def _norm(names: str | list[str], where, config: SiTConfig) -> list[Target]:
+    """An affine norm's weight (and a LayerNorm's bias: `qk_norm` without "rmsnorm")."""
+    leaves = ("weight",) if config.norm == "rmsnorm" else ("weight", "bias")
+
+    def suffixed(leaf: str):
+        return f"{names}.{leaf}" if isinstance(names, str) else [f"{n}.{leaf}" for n in names]
+
+    return [Target(suffixed(leaf), lambda m, a=leaf: getattr(where(m), a)) for leaf in leaves]
+
+
 def targets(config: SiTConfig, num_projectors: int) -> list[Target]:
     """Where each of the reference's state-dict tensors goes in a `REPAModel`. No transforms:
     timm's Attention lays qkv out as (3, heads, head_dim) like ours, the adaLN chunks come in
     the same order (shift, scale, gate for attention, then for the MLP), and the patch conv
-    kernel is stored as torch's (hidden, channels, p, p)."""
+    kernel is stored as torch's (hidden, channels, p, p). LightningDiT's switches add its
+    names: `mlp.w12` / `mlp.w3` (SwiGLU: gate half first, like ours), `norm1` / `norm2` and
+    `final_layer.norm_final` (RMSNorm), `attn.q_norm` / `attn.k_norm`."""
     targets = [
         Target("x_embedder.proj.weight", lambda m: m.sit.patch_weight),
         Target("x_embedder.proj.bias", lambda m: m.sit.patch_bias),
@@ -145,16 +157,26 @@ def targets(config: SiTConfig, num_projectors: int) -> list[Target]:
         *_linear("final_layer.adaLN_modulation.1", lambda m: m.sit.final_adaln),
         *_linear("final_layer.linear", lambda m: m.sit.final_linear),
     ]
+    swiglu = config.mlp == "swiglu"
     blocks = {
         "attn.qkv": "qkv",
         "attn.proj": "proj",
-        "mlp.fc1": "fc1",
-        "mlp.fc2": "fc2",
+        "mlp.w12" if swiglu else "mlp.fc1": "fc1",
+        "mlp.w3" if swiglu else "mlp.fc2": "fc2",
         "adaLN_modulation.1": "adaln",
     }
     for theirs, ours in blocks.items():
         names = [f"blocks.{i}.{theirs}" for i in range(config.depth)]
         targets += _linear(names, lambda m, a=ours: getattr(m.sit.blocks, a))
+    norms = []
+    if config.norm == "rmsnorm":
+        norms += [("norm1", "norm1"), ("norm2", "norm2")]
+        targets += _norm("final_layer.norm_final", lambda m: m.sit.final_norm, config)
+    if config.qk_norm:
+        norms += [("attn.q_norm", "q_norm"), ("attn.k_norm", "k_norm")]
+    for theirs, ours in norms:
+        names = [f"blocks.{i}.{theirs}" for i in range(config.depth)]
+        targets += _norm(names, lambda m, a=ours: getattr(m.sit.blocks, a), config)
     if config.cls_dim:  # REG: its CLS token's way in and out
         targets += [
             *_linear("cls_projectors2", lambda m: m.sit.cls_token.embed),
@@ -226,8 +248,37 @@ def _pos_embed_check(stored, config: SiTConfig) -> tuple[str | None, float | Non
     return None, diff
 
 
+# LightningDiT's RoPE buffers (float32 cos / sin of the same angles as ours).
+_ROPE_BUFFERS = ("feat_rope.freqs_cos", "feat_rope.freqs_sin")
+_ROPE_ATOL = 1e-4
+
+
+def _rope_check(tensors: Mapping[str, Any], config: SiTConfig) -> str | None:
+    """The problem with the checkpoint's frozen RoPE tables (with `rope`), if any."""
+    if not config.rope:
+        return None
+    grid = config.grid_size
+    for name, ours in zip(_ROPE_BUFFERS, rope_tables(config.head_dim, grid), strict=True):
+        stored = tensors.get(name)
+        if stored is None:
+            continue
+        stored = np.asarray(stored, np.float32)
+        if stored.shape != ours.shape:
+            return (
+                f"{name} {tuple(stored.shape)} is not a {grid}x{grid} grid of head dim "
+                f"{config.head_dim} (expected {ours.shape})"
+            )
+        if not float(np.abs(stored - ours).max()) <= _ROPE_ATOL:
+            return f"{name} is not the 2-D rotary table of the grid"
+    return None
+
+
 def _describe(config: SiTConfig, z_dims: Sequence[int]) -> str:
     family = "DiT" if config.learn_sigma else ("REG SiT" if config.cls_dim else "SiT")
+    switches = [config.mlp] if config.mlp != "gelu" else []
+    switches += [config.norm] if config.norm != "layernorm" else []
+    switches += [s for s in ("rope", "qk_norm", "wo_shift") if getattr(config, s)]
+    family += f" ({', '.join(switches)})" if switches else ""
     projectors = f", with projectors to {tuple(z_dims)}" if z_dims else ""
     return (
         f"a {family} of depth {config.depth}, width {config.hidden_size}, patch "
@@ -247,10 +298,10 @@ def sit_from_state_dict(
     )
     what = _describe(config, z_dims)
     pos_problem, pos_diff = _pos_embed_check(tensors.get("pos_embed"), config)
+    pos_problem = pos_problem or _rope_check(tensors, config)
+    ignored = ("pos_embed", *(_ROPE_BUFFERS if config.rope else ()))
     try:
-        model = fill(
-            skeleton, tensors, targets(config, len(z_dims)), what=what, ignored=("pos_embed",)
-        )
+        model = fill(skeleton, tensors, targets(config, len(z_dims)), what=what, ignored=ignored)
     except WeightsMismatch as e:
         if pos_problem:
             raise WeightsMismatch(f"{e}; {pos_problem}") from None
@@ -289,6 +340,8 @@ def official_state_dict(model: REPAModel) -> dict[str, np.ndarray]:
     if c.cls_dim:
         table = np.concatenate([np.zeros((1, c.hidden_size), np.float32), table])
     out["pos_embed"] = table[None]
+    if c.rope:
+        out.update(zip(_ROPE_BUFFERS, rope_tables(c.head_dim, c.grid_size), strict=True))
     return out
 
 

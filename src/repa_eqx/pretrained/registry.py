@@ -21,7 +21,7 @@ import equinox as eqx
 import numpy as np
 
 from ..core.errors import ConfigError
-from . import _cache, clip, dinov2, ldm_vae, mae, official, vae
+from . import _cache, clip, dinov2, ldm_vae, lightningdit, mae, official, vae
 from ._convert import Port
 from ._hub import PretrainedNotFound, check_folder, download, load_safetensors
 from ._torch_pickle import UnreadableCheckpoint, UnsafeCheckpoint
@@ -271,11 +271,23 @@ def convert(
     """Convert `source` once into the conversion cache and return its folder there.
 
     A source is a Hub id (at a revision), a local folder in the Hub layout, an official
-    REPA checkpoint file (`.pt` from sihyun-yu/REPA), or an LDM VAE (`ldm_vae`: a Hub id of
-    its table or a local `.pt`). A second conversion of the same source
-    and revision is a cache hit, which also works offline once the Hub files are cached."""
+    REPA checkpoint file (`.pt` from sihyun-yu/REPA), an LDM VAE (`ldm_vae`: a Hub id of
+    its table or a local `.pt`), or a LightningDiT checkpoint (a file, or a released Hub id
+    such as "hustvl/lightningdit-xl-imagenet256-800ep"). A second conversion of the same
+    source and revision is a cache hit, which also works offline once the Hub files are
+    cached."""
     source = str(source)
     path = Path(source).expanduser()
+    if source in lightningdit.RELEASED or (
+        path.is_file() and lightningdit.is_lightningdit_checkpoint(path)
+    ):
+        if official_args:
+            raise ConfigError("official args apply to official REPA checkpoint files only")
+        if not path.is_file():
+            path = lightningdit.download_lightningdit(source, revision=revision)
+        else:
+            source = str(path.resolve())
+        return lightningdit.convert_lightningdit(path, source, force=force)
     if path.is_file() and not _holds_ldm_vae(path):
         out = _cache.folder(path.name, official_tag(path))
         if out.is_dir() and not force:
@@ -324,6 +336,8 @@ def load_converted(folder: str | Path) -> eqx.Module:
     family = header["family"]
     if family == official.FAMILY:
         skeleton = official.skeleton(header["config"])
+    elif family == lightningdit.FAMILY:
+        skeleton = lightningdit.skeleton(header["config"])
     else:
         port = FAMILIES[family]
         skeleton = _skeleton(port, _config_from_json(port.config, header["config"]))

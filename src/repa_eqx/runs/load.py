@@ -14,6 +14,8 @@ from ..diffusion.interpolants import PathType
 from ..model.sit import SiT
 from ..pretrained import PretrainedNotFound, download, load_official
 from ..pretrained.dit import is_dit_checkpoint, load_dit
+from ..pretrained.lightningdit import is_lightningdit_checkpoint, load_lightningdit
+from ..spaces import published_norm, space_of
 from ..training.checkpoint import Checkpointer
 from ..training.recipe import load_recipe, sit_config
 
@@ -136,15 +138,50 @@ def load_dit_for_sampling(path: str | Path, **hints) -> SamplingModel:
     return SamplingModel(sit, path="linear", latent=True, source=Path(path), step=None)
 
 
+# LightningDiT's 32-channel models sample VA-VAE f16d32 latents, normalised channel-wise by
+# the statistics published beside that VAE (latents_stats.pt), latent_multiplier 1.
+LIGHTNINGDIT_VAE = "hustvl/vavae-imagenet256-f16d32-dinov2"
+_F16D32_CHANNELS = 32
+
+
+def lightningdit_latents() -> dict:
+    """How LightningDiT's released models' latents were made (RUN/latents.json's keys): the
+    VA-VAE's, normalised by its published statistics (fetched once: a small file)."""
+    norm = published_norm(LIGHTNINGDIT_VAE)
+    return {
+        "space": space_of(LIGHTNINGDIT_VAE),
+        "encoder": LIGHTNINGDIT_VAE,
+        "decoder": LIGHTNINGDIT_VAE,
+        "resolution": 256,
+        "norm": "published",
+        "scale": None,
+        "stats": dataclasses.asdict(norm),
+    }
+
+
+def load_lightningdit_for_sampling(path: str | Path, **hints) -> SamplingModel:
+    """A LightningDiT checkpoint (hustvl/LightningDiT's released .pt or its train.py's), in
+    REPA's time (`data_at_t1`); `hints`: see `pretrained.lightningdit.lightningdit_config`.
+    A 32-channel one samples VA-VAE f16d32 latents (`lightningdit_latents`)."""
+    sit, _ = load_lightningdit(path, **hints)
+    latents = lightningdit_latents() if sit.config.in_channels == _F16D32_CHANNELS else None
+    return SamplingModel(
+        sit, path="linear", latent=True, source=Path(path), step=None, latents=latents
+    )
+
+
 def load_for_sampling(
     source: str | Path, *, step: int | None = None, official_args: dict | None = None
 ) -> SamplingModel:
     """A run directory, one of its checkpoints, or a checkpoint file: a DiT's (told by its
-    learned-variance output layer) or an official REPA one."""
+    learned-variance output layer), a LightningDiT's (told by its switches' tensors) or an
+    official REPA one."""
     source = Path(source)
     if source.is_file():
         if is_dit_checkpoint(source):
             return load_dit_for_sampling(source, **(official_args or {}))
+        if is_lightningdit_checkpoint(source):
+            return load_lightningdit_for_sampling(source, **(official_args or {}))
         return load_official_for_sampling(source, **(official_args or {}))
     if official_args:
         raise RunNotFound(f"{source} is a run directory; official args apply to .pt files only")

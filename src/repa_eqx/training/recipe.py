@@ -28,13 +28,19 @@ class RecipeError(RepaError, ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    # A named SiT (SiT-{S,B,L,XL}/{2,4,8}) or DiT (DiT-XL/2: the same network with a learned
-    # variance, for loss.objective "ddpm"); the optional fields below override its shape.
+    # A named SiT (SiT-{S,B,L,XL}/{1,2,4,8}), DiT (DiT-XL/2: the same network with a learned
+    # variance, for loss.objective "ddpm") or LightningDiT (LightningDiT-XL/1: a SiT with
+    # SwiGLU, RMSNorm and RoPE); the optional fields below override its shape and switches.
     arch: str = "SiT-XL/2"
     depth: int | None = None
     hidden_size: int | None = None
     num_heads: int | None = None
     encoder_depth: int | None = None
+    mlp: str | None = None  # "gelu" or "swiglu"
+    norm: str | None = None  # "layernorm" or "rmsnorm"
+    rope: bool | None = None
+    qk_norm: bool | None = None
+    wo_shift: bool | None = None
     input_size: int = 32
     in_channels: int = 4
     num_classes: int = 1000
@@ -568,6 +574,11 @@ def sit_config(recipe: Recipe, num_classes: int | None = None, cls_dim: int = 0)
             hidden_size=m.hidden_size,
             num_heads=m.num_heads,
             encoder_depth=m.encoder_depth,
+            mlp=m.mlp,
+            norm=m.norm,
+            rope=m.rope,
+            qk_norm=m.qk_norm,
+            wo_shift=m.wo_shift,
         ).items()
         if v is not None
     }
