@@ -165,9 +165,14 @@ def model_flops(config: SiTConfig, step_cfg: StepConfig, batch: dict) -> float:
     return one + (config.depth - 1) * (two - one)
 
 
+def full_name(model: str) -> str:
+    """ "XL/2" -> "SiT-XL/2"; a name with its family ("LightningDiT-XL/1") stays."""
+    return model if "-" in model else f"SiT-{model}"
+
+
 def imagenet_config(model: str) -> SiTConfig:
-    """SiT-`model` on ImageNet-256 latents: SD-VAE's 4x32x32, or f16d32's 32x16x16 for patch
-    size 1 ("XL/1")."""
+    """`model` (a SiT size such as "XL/2", or a full name such as "LightningDiT-XL/1") on
+    ImageNet-256 latents: SD-VAE's 4x32x32, or f16d32's 32x16x16 for patch size 1."""
     channels, size = (
         (F16D32_CHANNELS, F16D32_SIZE)
         if model.endswith("/1")
@@ -177,7 +182,7 @@ def imagenet_config(model: str) -> SiTConfig:
         )
     )
     return SiTConfig.from_name(
-        f"SiT-{model}", input_size=size, in_channels=channels, num_classes=NUM_CLASSES
+        full_name(model), input_size=size, in_channels=channels, num_classes=NUM_CLASSES
     )
 
 
@@ -221,7 +226,7 @@ def bench_one(
 
     step_s = statistics.median(times)
     return {
-        "model": f"SiT-{model}",
+        "model": full_name(model),
         "precision": precision,
         "remat": remat,
         "batch": batch_size,
@@ -409,15 +414,21 @@ def results_table(rows: list[dict], steps: int, warmup: int) -> Table:
     )
     headers = ["model", "precision", "remat", "compile s", "s/step", "images/s", "GFLOP/step"]
     headers += ["XLA raw GFLOP", "GFLOP/s", "MFU"]
-    with_torch = "torch_step_s" in rows[0]
+    with_torch = any("torch_step_s" in r for r in rows)
     if with_torch:
         headers += ["torch s/step", "speed-up (torch/ours)"]
     for header in headers:
-        table.add_column(header, justify="left" if header in headers[:3] else "right")
+        table.add_column(
+            header,
+            justify="left" if header in headers[:3] else "right",
+            min_width=max(len(r["model"]) for r in rows) if header == "model" else None,
+        )
     for r in rows:
         torch_cells = []
-        if with_torch:
-            torch_cells = [f"{r['torch_step_s']:.2f}", f"{r['speedup_torch_over_ours']:.2f}x"]
+        if with_torch:  # blank where there is no PyTorch reference (LightningDiT)
+            torch_cells = ["", ""]
+            if "torch_step_s" in r:
+                torch_cells = [f"{r['torch_step_s']:.2f}", f"{r['speedup_torch_over_ours']:.2f}x"]
         table.add_row(
             r["model"],
             r["precision"],
@@ -440,7 +451,12 @@ def parse_list(text: str) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="S/2,B/2", help="comma-separated SiT sizes")
+    parser.add_argument(
+        "--models",
+        default="S/2,B/2",
+        help="comma-separated SiT sizes (XL/2; XL/1 runs on f16d32 latents) or full names "
+        "(LightningDiT-XL/1; no PyTorch reference)",
+    )
     parser.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32,bf16")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
@@ -485,6 +501,7 @@ def main() -> None:
         import torch
 
         torch_info = {"torch": torch.__version__, "torch_num_threads": torch.get_num_threads()}
+    # "XL/2", or a full name such as "LightningDiT-XL/1"
     models = [m.removeprefix("SiT-") for m in parse_list(args.models)]
     precisions = parse_list(args.precisions)
     if unknown := set(precisions) - set(PRECISIONS):
@@ -505,12 +522,12 @@ def main() -> None:
             for remat in remats:
                 peaks.append(measure_peak_gflops())
                 log.print(
-                    f"SiT-{model} {precision} remat={remat}: compiling, then "
+                    f"{full_name(model)} {precision} remat={remat}: compiling, then "
                     f"{args.warmup}+{args.steps} steps"
                 )
                 rows.append(bench_one(model, precision, args.batch, args.steps, args.warmup, remat))
                 log.print(f"  {rows[-1]['step_s']:.2f} s/step")
-            if args.torch:
+            if args.torch and "-" not in model:  # the reference is REPA's SiT only
                 log.print(f"SiT-{model} {precision}: PyTorch, {args.warmup}+{args.steps} steps")
                 timed = bench_torch(model, precision, args.batch, args.steps, args.warmup)
                 for row in rows[-len(remats) :]:
@@ -520,9 +537,9 @@ def main() -> None:
     compiles = []
     for model in [m.removeprefix("SiT-") for m in parse_list(args.compile_only)]:
         for precision in precisions:
-            log.print(f"SiT-{model} {precision}: lowering and compiling only")
+            log.print(f"{full_name(model)} {precision}: lowering and compiling only")
             lower_s, compile_s = compile_seconds(model, precision, args.batch, remats[0])
-            compiles.append((f"SiT-{model}", precision, lower_s, compile_s))
+            compiles.append((full_name(model), precision, lower_s, compile_s))
     peaks.append(measure_peak_gflops())
     peak = max(peaks)
     log.print(f"matmul GFLOP/s measured along the run: {', '.join(f'{p:.0f}' for p in peaks)}")
