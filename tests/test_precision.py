@@ -97,7 +97,8 @@ def test_resolve_says_why():
 
 def test_imagenet_recipes_default_to_auto_and_mnist_ones_stay_fp32():
     for path in sorted(RECIPES.glob("*.toml")):
-        expected = "auto" if path.stem.startswith(("sit_", "dit_")) else "fp32"
+        imagenet = path.stem.startswith(("sit_", "dit_", "lightningdit_"))
+        expected = "auto" if imagenet else "fp32"
         assert load_recipe(path).train.precision == expected, path.name
 
 
