@@ -94,6 +94,7 @@ def test_skip_in_the_loop_logs_skipped_steps_and_keeps_the_count(tmp_path, monke
     assert meta["skipped_steps"] == 1
 
 
+@pytest.mark.slow  # a run, a rollback and its continuation: 20-25 s on 2 cores
 def test_rollback_restores_the_last_checkpoint_with_a_fresh_key(tmp_path, monkeypatch):
     """NaN weights from step 6: the loop sees them when it logs step 6, restores checkpoint 4
     (the same weights as at step 4, a different key), replays the data from there and ends."""
