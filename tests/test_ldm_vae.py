@@ -217,3 +217,37 @@ def test_cli_offline_names_the_missing_download(tmp_path, monkeypatch):
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and "'hustvl/vavae-imagenet256-f16d32-dinov2'" in lines[0]
     assert "is not in the Hub cache" in lines[0]
+
+
+def test_preprocess_with_an_ldm_vae_and_its_published_statistics(reference, tmp_path, source):
+    """`repa preprocess --vae file.pt`: a latent-diffusion checkpoint writes the shards (its
+    moments equal the reference network's), the manifest names it as the latent space with the
+    set's statistics, and its published `latents_stats.pt` are the "published" statistics."""
+    from helpers import SETTINGS
+
+    from repa_eqx.data.shards import read_manifest
+    from repa_eqx.data.writer import preprocess
+    from repa_eqx.spaces import published_norm, space_of
+
+    path = _save_vavae(reference, tmp_path / "vavae")
+    out = tmp_path / "out"
+    result = preprocess(source, out, vae=str(path), **SETTINGS)
+    manifest = result.manifest
+    # The file's space is its content hash: a recipe naming the file matches its shards.
+    assert manifest is not None and manifest["latent_space"] == space_of(path)
+    assert space_of(path).startswith("local-")
+    stats = manifest["latent_stats"]
+    assert len(stats["mean"]) == len(stats["std"]) == TINY.z_channels
+    shard = manifest["shards"][0]
+    images = np.load(out / shard["path"] / "images.npy")
+    moments = np.load(out / shard["path"] / "moments.npy")
+    with torch.no_grad():
+        x = torch.from_numpy(images.astype(np.float32) / 127.5 - 1)
+        ref_mean, ref_std = reference.encode(x)
+    mean, std = np.split(moments, 2, axis=1)
+    np.testing.assert_allclose(mean, ref_mean.numpy(), atol=2e-5)
+    np.testing.assert_allclose(std, ref_std.numpy(), atol=2e-5)
+    norm = published_norm(str(path))
+    np.testing.assert_allclose(np.ravel(norm.mean), np.linspace(-1, 1, 8), rtol=1e-6)
+    np.testing.assert_allclose(np.ravel(norm.std), np.linspace(0.5, 2, 8), rtol=1e-6)
+    assert read_manifest(out)["latent_stats"] == stats

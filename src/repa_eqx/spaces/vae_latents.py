@@ -37,12 +37,12 @@ _SPACE_OF = {vae: space for space, vaes in SHARED_SPACES.items() for vae in vaes
 
 def space_of(vae: str | Path) -> str:
     """The latent space a VAE (Hub id or local folder) encodes to or decodes from: its shared
-    space's name, else the VAE itself; a local folder by the hash of its files ("local-..."),
-    so that a copy elsewhere is the same space."""
+    space's name, else the VAE itself; a local folder or checkpoint file (a latent-diffusion
+    `.pt`) by the hash of its files ("local-..."), so that a copy elsewhere is the same space."""
     vae = str(vae)
     if vae in _SPACE_OF:
         return _SPACE_OF[vae]
-    return locate(vae).tag() if Path(vae).expanduser().is_dir() else vae
+    return locate(vae).tag() if Path(vae).expanduser().exists() else vae
 
 
 def default_decoder(encoder: str) -> str:
