@@ -408,8 +408,8 @@ def memory_table(rows: list[dict], limit_gb: float) -> Table:
 
 def results_table(rows: list[dict], steps: int, warmup: int) -> Table:
     table = Table(
-        title=f"REPA train step, batch {rows[0]['batch']}: SiT on 4x32x32 latents (256 tokens) "
-        "+ projector to 768-d",
+        title=f"REPA train step, batch {rows[0]['batch']}: SiT on 4x32x32 latents (x/2) or "
+        "32x16x16 (x/1), 256 tokens, + projector to 768-d",
         caption=f"s/step: median of {steps} timed steps after {warmup} untimed",
     )
     headers = ["model", "precision", "remat", "compile s", "s/step", "images/s", "GFLOP/step"]
@@ -421,7 +421,9 @@ def results_table(rows: list[dict], steps: int, warmup: int) -> Table:
         table.add_column(
             header,
             justify="left" if header in headers[:3] else "right",
-            min_width=max(len(r["model"]) for r in rows) if header == "model" else None,
+            min_width=max((len(r["model"]) for r in rows), default=5)
+            if header == "model"
+            else None,
         )
     for r in rows:
         torch_cells = []
@@ -540,6 +542,7 @@ def main() -> None:
             log.print(f"{full_name(model)} {precision}: lowering and compiling only")
             lower_s, compile_s = compile_seconds(model, precision, args.batch, remats[0])
             compiles.append((full_name(model), precision, lower_s, compile_s))
+            log.print(f"  lower {lower_s:.1f} s + compile {compile_s:.1f} s")
     peaks.append(measure_peak_gflops())
     peak = max(peaks)
     log.print(f"matmul GFLOP/s measured along the run: {', '.join(f'{p:.0f}' for p in peaks)}")
@@ -549,7 +552,8 @@ def main() -> None:
 
     # Piped output would otherwise be cut to 80 columns and truncate the table's cells.
     console = Console(width=None if Console().is_terminal else 150 if args.torch else 120)
-    console.print(results_table(rows, args.steps, args.warmup))
+    if rows:
+        console.print(results_table(rows, args.steps, args.warmup))
     console.print(
         f"MFU is relative to the measured peak of this machine: {peak:.1f} GFLOP/s, the best "
         f"jitted fp32 2048x2048 matmul (10 reps at each of {len(peaks)} points of the run). bf16 "
