@@ -13,22 +13,10 @@ Time is the reference's: t = 1 at the data. No torch.compile, no checkpointing, 
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-
-def sincos_pos_embed_2d(dim: int, grid: int) -> np.ndarray:
-    """The frozen (grid*grid, dim) table: first half column index, second half row."""
-
-    def one_axis(d: int, pos: np.ndarray) -> np.ndarray:
-        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
-        out = np.outer(pos.reshape(-1), omega)
-        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
-
-    cols, rows = np.meshgrid(np.arange(grid, dtype=np.float32), np.arange(grid, dtype=np.float32))
-    return np.concatenate([one_axis(dim // 2, cols), one_axis(dim // 2, rows)], axis=1)
+from torch_repa_step import sincos_pos_embed_2d  # the same frozen table, beside this file
 
 
 class RMSNorm(nn.Module):
